@@ -1,0 +1,500 @@
+"""Taking a snapshot: walk the paths, store new chunks and trees, write the snapshot.
+
+Pipeline for one file, with two or more threads:
+
+    reader thread:  readinto a free block buffer -> cut chunks (GIL released)
+    caller thread:  per chunk: keyed BLAKE3 id, whole-file BLAKE3, index
+                    lookup, compress when the sample says so, seal into the
+                    pack buffer (see `cas.blobstore`)
+    upload thread:  write and fsync finished packs
+
+Block buffers come from a fixed pool, so memory in flight is bounded by
+``block_count * (block_size + max chunk size)`` plus two pack buffers,
+whatever the file size. With one thread, the caller does all three steps.
+
+An unchanged file (same size, mtime_ns, ctime_ns, inode and device as in the
+parent snapshot) reuses the parent's chunk list without being read.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import blake3
+
+from cas import __version__
+from cas.blobstore import BlobWriter
+from cas.chunker import Chunker
+from cas.errors import CasError, NotFoundError, UsageError
+from cas.locks import RepositoryLock
+from cas.repository import Repository
+from cas.snapshot import Snapshot
+from cas.tree import Node, encode_tree
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16 << 20
+DEFAULT_MEMORY_LIMIT = 256 << 20
+# A file whose size or mtime changes while it is read is read again this many times.
+_REREADS = 2
+
+
+@dataclass
+class SnapshotOptions:
+    """What a snapshot run stores besides the files."""
+
+    tags: list[str] = field(default_factory=list)
+    message: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+    threads: int = 0
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+    host: str = ""
+
+
+@dataclass
+class SnapshotProgress:
+    """Counters handed to the progress callback."""
+
+    files: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    """What a snapshot run did."""
+
+    snapshot: Snapshot
+    files: int
+    dirs: int
+    bytes_read: int
+    bytes_added: int
+    bytes_total: int
+    new_chunks: int
+    unchanged_files: int
+    warnings: tuple[str, ...]
+    seconds: float
+
+
+class FileChangedError(CasError):
+    """A file changed while it was read."""
+
+
+def effective_threads(threads: int) -> int:
+    """Return the thread count to use: ``threads``, or every core when 0."""
+    if threads < 0:
+        raise UsageError(f"invalid thread count {threads}: use 1 or more, or 0 for all cores")
+    return threads or os.cpu_count() or 1
+
+
+class _BlockReader:
+    """Reads a file in blocks and cuts chunks, optionally on a background thread."""
+
+    def __init__(self, chunker: Chunker, block_size: int, block_count: int, threaded: bool) -> None:
+        self.chunker = chunker
+        self.block_size = block_size
+        carry = chunker.params.max_size
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(block_count):
+            self._free.put(bytearray(block_size + carry))
+        self.threaded = threaded
+
+    def release(self, buffer: bytearray) -> None:
+        """Return a block buffer to the pool once its chunks are processed."""
+        self._free.put(buffer)
+
+    def blocks(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
+        """Yield (buffer, chunk lengths) for a file descriptor, in file order.
+
+        The caller must `release` every yielded buffer. Chunk lengths cover
+        the start of the buffer; bytes after them are carried to the next block.
+        """
+        if not self.threaded:
+            yield from self._produce(fd)
+            return
+        # Unbounded: the pool of free buffers already bounds what is in flight.
+        results: queue.Queue[tuple[bytearray, list[int]] | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for item in self._produce(fd):
+                    if stop.is_set():
+                        self.release(item[0])
+                        break
+                    results.put(item)
+                results.put(None)
+            except BaseException as exc:  # handed to the consumer below
+                results.put(exc)
+
+        thread = threading.Thread(target=run, name="cas-read", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = results.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    leftover = results.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if isinstance(leftover, tuple):
+                    self.release(leftover[0])
+            thread.join()
+
+    def _produce(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
+        carry = b""
+        while True:
+            buffer = self._free.get()
+            view = memoryview(buffer)
+            view[: len(carry)] = carry
+            filled = len(carry)
+            end = len(carry) + self.block_size
+            while filled < end:
+                count = os.readv(fd, [view[filled:end]])
+                if count == 0:
+                    break
+                filled += count
+            at_eof = filled < end
+            lengths = self.chunker.cut(view[:filled], final=at_eof)
+            used = sum(lengths)
+            carry = bytes(view[used:filled])
+            view.release()
+            yield buffer, lengths
+            if at_eof:
+                return
+
+
+class Archiver:
+    """Takes one snapshot of a set of paths into a repository."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        options: SnapshotOptions,
+        progress: Callable[[SnapshotProgress], None] | None = None,
+    ) -> None:
+        self.repo = repo
+        self.options = options
+        self.progress_callback = progress
+        self.progress = SnapshotProgress()
+        self.threads = effective_threads(options.threads)
+        self.chunker = Chunker(repo.config.chunker, repo.keys.chunker_seed())
+        block_size = BLOCK_SIZE if options.memory_limit >= 128 << 20 else 4 << 20
+        pack_memory = 2 * repo.config.pack_size
+        block_count = max(2, min(4, (options.memory_limit - pack_memory) // block_size))
+        self.reader = _BlockReader(self.chunker, block_size, block_count, self.threads > 1)
+        self.warnings: list[str] = []
+        self.files = 0
+        self.dirs = 0
+        self.unchanged_files = 0
+        self._last_progress = 0.0
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(message)
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress_callback and (force or now - self._last_progress > 0.2):
+            self._last_progress = now
+            self.progress_callback(self.progress)
+
+    # The run
+
+    def run(self, paths: list[str]) -> SnapshotResult:
+        """Snapshot ``paths`` under a shared lock; return what was stored."""
+        if not paths:
+            raise UsageError("no path given: name at least one file or folder to snapshot")
+        started = time.monotonic()
+        sources = [os.path.abspath(path) for path in paths]
+        for source in sources:
+            if not os.path.lexists(source):
+                raise NotFoundError(f"path {source} does not exist")
+        host = self.options.host or socket.gethostname()
+        parent = self._find_parent(sources, host)
+        with RepositoryLock(
+            self.repo.backend, self.repo.keys, exclusive=False, operation="snapshot"
+        ):
+            writer = BlobWriter(self.repo, self.threads > 1)
+            try:
+                root_id = self._store_roots(sources, parent, writer)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            snapshot, snapshot_size = self._write_snapshot(sources, host, parent, root_id)
+        bytes_added = writer.bytes_uploaded + self.repo.index.bytes_written + snapshot_size
+        self._report(force=True)
+        return SnapshotResult(
+            snapshot=snapshot,
+            files=self.files,
+            dirs=self.dirs,
+            bytes_read=self.progress.bytes_read,
+            bytes_added=bytes_added,
+            bytes_total=self.progress.bytes_total,
+            new_chunks=writer.stats.new_chunks,
+            unchanged_files=self.unchanged_files,
+            warnings=tuple(self.warnings),
+            seconds=time.monotonic() - started,
+        )
+
+    def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:
+        if self.options.parent:
+            return self.repo.resolve_snapshot(self.options.parent)
+        wanted = sorted(os.fsencode(source) for source in sources)
+        candidates = [
+            snap
+            for snap in self.repo.list_snapshots()
+            if snap.host == host and sorted(snap.paths) == wanted
+        ]
+        return candidates[-1] if candidates else None
+
+    def _write_snapshot(
+        self, sources: list[str], host: str, parent: Snapshot | None, root_id: bytes
+    ) -> tuple[Snapshot, int]:
+        snapshot = Snapshot(
+            snapshot_id=b"",
+            time=datetime.now().astimezone().isoformat(),
+            host=host,
+            user=_user_name(),
+            paths=tuple(os.fsencode(source) for source in sources),
+            tree_id=root_id,
+            tags=tuple(self.options.tags),
+            message=self.options.message,
+            meta=dict(self.options.meta),
+            parent_id=parent.snapshot_id if parent else None,
+            cas_version=__version__,
+            summary={
+                "files": self.files,
+                "dirs": self.dirs,
+                "bytes_read": self.progress.bytes_read,
+                "bytes_total": self.progress.bytes_total,
+            },
+        )
+        return self.repo.write_snapshot(snapshot)
+
+    # Walking
+
+    def _store_roots(
+        self, sources: list[str], parent: Snapshot | None, writer: BlobWriter
+    ) -> bytes:
+        parent_root = parent.tree_id if parent else None
+        if len(sources) == 1 and os.path.isdir(sources[0]):
+            node = self._store_dir(sources[0], b"", parent_root, writer)
+            return node.subtree
+        names: dict[bytes, str] = {}
+        for source in sources:
+            name = os.fsencode(os.path.basename(source.rstrip("/")) or "root")
+            if name in names:
+                raise UsageError(
+                    f"paths {names[name]} and {source} have the same base name "
+                    f"{os.fsdecode(name)!r}; snapshot them separately or rename one"
+                )
+            names[name] = source
+        parent_nodes = self._parent_nodes(parent_root)
+        nodes = []
+        for name, source in names.items():
+            node = self._store_path(source, name, parent_nodes.get(name), writer, follow=True)
+            if node is not None:
+                nodes.append(node)
+        return self._store_tree(nodes, writer)
+
+    def _parent_nodes(self, tree_id: bytes | None) -> dict[bytes, Node]:
+        if not tree_id:
+            return {}
+        try:
+            return {node.name: node for node in self.repo.load_tree(tree_id)}
+        except CasError as exc:
+            self._warn(f"cannot read the parent snapshot's tree, reading all files: {exc}")
+            return {}
+
+    def _store_tree(self, nodes: list[Node], writer: BlobWriter) -> bytes:
+        payload = encode_tree(nodes)
+        tree_id = self.repo.keys.blob_id(payload)
+        writer.add_tree(tree_id, payload)
+        return tree_id
+
+    def _store_path(
+        self, path: str, name: bytes, parent: Node | None, writer: BlobWriter, follow: bool = False
+    ) -> Node | None:
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError as exc:
+            self._warn(f"cannot stat {path}: {exc.strerror}; skipped")
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            return self._store_dir(
+                path, name, parent.subtree if parent and parent.type == "dir" else None, writer, st
+            )
+        if stat.S_ISREG(mode):
+            return self._store_file(path, name, st, parent, writer)
+        if stat.S_ISLNK(mode):
+            return _meta_node(name, "symlink", st, target=os.readlink(os.fsencode(path)))
+        kind = _special_kind(mode)
+        if kind is None:
+            self._warn(f"{path} has an unknown file type; skipped")
+            return None
+        return _meta_node(name, kind, st, rdev=st.st_rdev if kind.endswith("dev") else 0)
+
+    def _store_dir(
+        self,
+        path: str,
+        name: bytes,
+        parent_tree: bytes | None,
+        writer: BlobWriter,
+        st: os.stat_result | None = None,
+    ) -> Node:
+        st = st or os.stat(path)
+        parent_nodes = self._parent_nodes(parent_tree)
+        nodes: list[Node] = []
+        try:
+            entries = sorted(os.listdir(os.fsencode(path)))
+        except OSError as exc:
+            self._warn(f"cannot list {path}: {exc.strerror}; stored as an empty folder")
+            entries = []
+        for entry in entries:
+            child = os.path.join(path, os.fsdecode(entry))
+            node = self._store_path(child, entry, parent_nodes.get(entry), writer)
+            if node is not None:
+                nodes.append(node)
+        self.dirs += 1
+        subtree = self._store_tree(nodes, writer)
+        return _meta_node(name, "dir", st, subtree=subtree)
+
+    # Files
+
+    def _store_file(
+        self, path: str, name: bytes, st: os.stat_result, parent: Node | None, writer: BlobWriter
+    ) -> Node | None:
+        self.files += 1
+        self.progress.files += 1
+        self.progress.bytes_total += st.st_size
+        if parent is not None and _unchanged(parent, st) and all(map(writer.has, parent.chunk_ids)):
+            self.unchanged_files += 1
+            return _meta_node(
+                name, "file", st, chunks=parent.chunks, sizes=parent.sizes, digest=parent.digest
+            )
+        for attempt in range(_REREADS + 1):
+            try:
+                return self._read_file(path, name, writer)
+            except FileChangedError as exc:
+                if attempt == _REREADS:
+                    self._warn(f"{exc}; stored the last version read")
+                    return exc.args[1] if len(exc.args) > 1 else None
+            except OSError as exc:
+                self._warn(f"cannot read {path}: {exc.strerror}; skipped")
+                return None
+        return None
+
+    def _read_file(self, path: str, name: bytes, writer: BlobWriter) -> Node:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            before = os.fstat(fd)
+            chunks, sizes, digest, size = self._chunk_file(fd, writer)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        node = _meta_node(
+            name, "file", after, chunks=b"".join(chunks), sizes=tuple(sizes), digest=digest
+        )
+        node = Node(**{**node.__dict__, "size": size})
+        if (before.st_size, before.st_mtime_ns) != (
+            after.st_size,
+            after.st_mtime_ns,
+        ) or size != after.st_size:
+            raise FileChangedError(f"{path} changed while it was read", node)
+        return node
+
+    def _chunk_file(self, fd: int, writer: BlobWriter) -> tuple[list[bytes], list[int], bytes, int]:
+        keys = self.repo.keys
+        file_hash = blake3.blake3(max_threads=1)
+        chunks: list[bytes] = []
+        sizes: list[int] = []
+        size = 0
+        writer.reset_sampling()
+        for buffer, lengths in self.reader.blocks(fd):
+            try:
+                view = memoryview(buffer)
+                offset = 0
+                for length in lengths:
+                    piece = view[offset : offset + length]
+                    chunk_id = keys.blob_id(piece)
+                    file_hash.update(piece)
+                    writer.add_chunk(chunk_id, piece)
+                    chunks.append(chunk_id)
+                    sizes.append(length)
+                    offset += length
+                view.release()
+                size += offset
+                self.progress.bytes_read += offset
+                self._report()
+            finally:
+                self.reader.release(buffer)
+        return chunks, sizes, file_hash.digest(), size
+
+
+def _unchanged(parent: Node, st: os.stat_result) -> bool:
+    return (
+        parent.type == "file"
+        and parent.size == st.st_size
+        and parent.mtime_ns == st.st_mtime_ns
+        and parent.ctime_ns == st.st_ctime_ns
+        and parent.inode == st.st_ino
+        and parent.device == st.st_dev
+    )
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "chardev"
+    if stat.S_ISBLK(mode):
+        return "blockdev"
+    return None
+
+
+def _meta_node(name: bytes, kind: str, st: os.stat_result, **extra: object) -> Node:
+    values: dict[str, object] = {
+        "name": name,
+        "type": kind,
+        "mode": stat.S_IMODE(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+        "nlink": st.st_nlink,
+        "size": st.st_size if kind == "file" else 0,
+    }
+    values.update(extra)
+    return Node(**values)  # type: ignore[arg-type]
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,156 @@
+"""Key objects: the master keys wrapped by a key derived from a password.
+
+A key object ``keys/<key_hex>`` is a msgpack map, parsed only after its size
+is bounded:
+
+    v            1
+    kdf          "argon2id"
+    salt         16 random bytes
+    iterations, lanes, memory_kib   Argon2id parameters
+    sealed       nonce || AES-256-GCM(KEK, msgpack master keys) || tag, where
+                 KEK = Argon2id(password) and the associated data is
+                 b"cas key v1 " + the object's name
+    created      ISO 8601 time with UTC offset
+    host, user   who created it
+    write_only   whether the wrapped keys lack the data key
+
+One key object exists per password, so a password change rewrites one small
+object and no data.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cas.backend import Backend
+from cas.crypto import KdfParams, MasterKeys, open_sealed, pack_msgpack, seal, unpack_msgpack
+from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError, WrongPasswordError
+
+KEY_PREFIX = "keys/"
+MAX_KEY_OBJECT_SIZE = 64 << 10
+_AD_PREFIX = b"cas key v1 "
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key object's public fields, readable without its password."""
+
+    name: str
+    created: str
+    host: str
+    user: str
+    write_only: bool
+
+
+def local_user() -> str:
+    """Return the login name of the current user, or the uid when there is none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def write_key(
+    backend: Backend, keys: MasterKeys, password: bytes, kdf: KdfParams | None = None
+) -> KeyInfo:
+    """Wrap ``keys`` with ``password`` into a new key object and store it."""
+    params = kdf or KdfParams(salt=os.urandom(16))
+    key_hex = os.urandom(32).hex()
+    name = KEY_PREFIX + key_hex
+    info = KeyInfo(
+        name=name,
+        created=datetime.now().astimezone().isoformat(),
+        host=socket.gethostname(),
+        user=local_user(),
+        write_only=keys.write_only,
+    )
+    body = {
+        "v": 1,
+        "kdf": "argon2id",
+        "salt": params.salt,
+        "iterations": params.iterations,
+        "lanes": params.lanes,
+        "memory_kib": params.memory_kib,
+        "sealed": seal(
+            params.derive(password), pack_msgpack(keys.to_dict()), _AD_PREFIX + name.encode()
+        ),
+        "created": info.created,
+        "host": info.host,
+        "user": info.user,
+        "write_only": info.write_only,
+    }
+    backend.put(name, pack_msgpack(body))
+    return info
+
+
+def _read_key_object(backend: Backend, name: str) -> dict[str, Any]:
+    size = backend.size(name)
+    if size > MAX_KEY_OBJECT_SIZE:
+        raise IntegrityError(f"key object {name} is {size} bytes, over {MAX_KEY_OBJECT_SIZE}")
+    body = unpack_msgpack(backend.get(name), f"key object {name}", MAX_KEY_OBJECT_SIZE)
+    if not isinstance(body, dict):
+        raise IntegrityError(f"key object {name} is not a map")
+    if body.get("v") != 1 or body.get("kdf") != "argon2id":
+        raise UnsupportedFormatError(f"key object {name} has an unknown version or KDF")
+    return body
+
+
+def _kdf_of(body: dict[str, Any], name: str) -> KdfParams:
+    salt, iterations = body.get("salt"), body.get("iterations")
+    lanes, memory = body.get("lanes"), body.get("memory_kib")
+    if not isinstance(salt, bytes) or not 8 <= len(salt) <= 64:
+        raise IntegrityError(f"key object {name} has a malformed salt")
+    for value, low, high in ((iterations, 1, 100), (lanes, 1, 64), (memory, 8, 4 << 20)):
+        # Bounds keep a forged key object from making the KDF run for hours.
+        if not isinstance(value, int) or not low <= value <= high:
+            raise IntegrityError(f"key object {name} has out-of-range KDF parameters")
+    assert isinstance(iterations, int) and isinstance(lanes, int) and isinstance(memory, int)
+    return KdfParams(salt=salt, iterations=iterations, lanes=lanes, memory_kib=memory)
+
+
+def key_info(backend: Backend, name: str) -> KeyInfo:
+    """Return the public fields of one key object."""
+    body = _read_key_object(backend, name)
+    return KeyInfo(
+        name=name,
+        created=str(body.get("created", "")),
+        host=str(body.get("host", "")),
+        user=str(body.get("user", "")),
+        write_only=bool(body.get("write_only", False)),
+    )
+
+
+def list_key_names(backend: Backend) -> list[str]:
+    """Return the names of every key object."""
+    return sorted(info.name for info in backend.list(KEY_PREFIX))
+
+
+def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
+    """Try every key object with ``password``; return the keys and the key object's name."""
+    names = list_key_names(backend)
+    if not names:
+        raise NotFoundError(f"repository {backend.url} has no key objects")
+    # Derive once per distinct KDF setting: key objects made by one `cas` share them.
+    derived: dict[KdfParams, bytes] = {}
+    for name in names:
+        body = _read_key_object(backend, name)
+        params = _kdf_of(body, name)
+        if params not in derived:
+            derived[params] = params.derive(password)
+        sealed = body.get("sealed")
+        if not isinstance(sealed, bytes):
+            raise IntegrityError(f"key object {name} has no sealed key material")
+        try:
+            plain = open_sealed(derived[params], sealed, _AD_PREFIX + name.encode(), name)
+        except IntegrityError:
+            continue
+        material = unpack_msgpack(plain, f"key material of {name}", MAX_KEY_OBJECT_SIZE)
+        return MasterKeys.from_dict(material), name
+    raise WrongPasswordError(
+        f"wrong password: none of the {len(names)} keys of {backend.url} opens with it"
+    )

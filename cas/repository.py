@@ -1,0 +1,297 @@
+"""An open repository: backend, keys, config, index, snapshots and blobs.
+
+Layout of a repository on its backend:
+
+    config                 sealed config object (chunker parameters, pack size)
+    keys/<hex>             one key object per password (see `cas.keys`)
+    data/<xx>/<pack hex>   packs (see `cas.pack`)
+    index/<hex>            index objects (see `cas.index`)
+    snapshots/<hex>        snapshot objects (see `cas.snapshot`)
+    locks/<hex>            lock objects (see `cas.locks`)
+
+Writers publish in the order packs, index objects, snapshot object, so a
+crash leaves at most packs that nothing references yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cas.backend import Backend, open_backend
+from cas.chunker import DEFAULT_PARAMS, ChunkerParams
+from cas.crypto import KdfParams, MasterKeys
+from cas.errors import (
+    AlreadyExistsError,
+    AmbiguousNameError,
+    IntegrityError,
+    NotFoundError,
+    UnsupportedFormatError,
+    UsageError,
+)
+from cas.index import Index, IndexCache, pack_name
+from cas.keys import unlock, write_key
+from cas.objects import ObjectKind, decode_object, encode_object
+from cas.pack import MAX_BLOB_RAW_SIZE, PROLOGUE_SIZE, BlobOpener
+from cas.snapshot import SNAPSHOT_PREFIX, Snapshot, is_hex_prefix, snapshot_from_body
+from cas.tree import Node, decode_tree
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config"
+REPOSITORY_VERSION = 1
+DEFAULT_PACK_SIZE = 32 << 20
+MIN_PREFIX_LENGTH = 8
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The repository's fixed settings, stored sealed under ``config``."""
+
+    repo_id: bytes
+    chunker: ChunkerParams
+    pack_size: int
+    created: str
+    version: int = REPOSITORY_VERSION
+
+    def to_body(self) -> dict[str, Any]:
+        """Return the stored body."""
+        return {
+            "v": self.version,
+            "repo_id": self.repo_id,
+            "chunker": {
+                "algorithm": "fastcdc2020",
+                "min_size": self.chunker.min_size,
+                "avg_size": self.chunker.avg_size,
+                "max_size": self.chunker.max_size,
+                "normalization": self.chunker.normalization,
+            },
+            "pack_size": self.pack_size,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> RepoConfig:
+        """Validate a decoded config body."""
+        if not isinstance(body, dict):
+            raise IntegrityError("config is not a map")
+        if body.get("v") != REPOSITORY_VERSION:
+            raise UnsupportedFormatError(
+                f"repository format version {body.get('v')} is not supported by this cas, "
+                f"which reads version {REPOSITORY_VERSION}"
+            )
+        chunker = body.get("chunker")
+        if not isinstance(chunker, dict) or chunker.get("algorithm") != "fastcdc2020":
+            raise IntegrityError("config has no fastcdc2020 chunker parameters")
+        try:
+            params = ChunkerParams(
+                min_size=int(chunker["min_size"]),
+                avg_size=int(chunker["avg_size"]),
+                max_size=int(chunker["max_size"]),
+                normalization=int(chunker["normalization"]),
+            )
+            params.validate()
+        except (KeyError, TypeError, ValueError, UsageError) as exc:
+            raise IntegrityError(f"config has invalid chunker parameters: {exc}") from None
+        repo_id, pack_size = body.get("repo_id"), body.get("pack_size")
+        if not isinstance(repo_id, bytes) or len(repo_id) != 32:
+            raise IntegrityError("config has a malformed repository id")
+        if not isinstance(pack_size, int) or not 1 << 20 <= pack_size <= 1 << 30:
+            raise IntegrityError(f"config has an invalid pack size {pack_size!r}")
+        return cls(repo_id, params, pack_size, str(body.get("created", "")))
+
+
+def default_cache_dir() -> Path:
+    """Return ``$XDG_CACHE_HOME/cas``, else ``~/.cache/cas``."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "cas"
+
+
+class Repository:
+    """An open, unlocked repository. Not thread-safe except where a method says so."""
+
+    def __init__(
+        self, backend: Backend, keys: MasterKeys, config: RepoConfig, cache_dir: Path
+    ) -> None:
+        self.backend = backend
+        self.keys = keys
+        self.config = config
+        self.cache_dir = cache_dir / config.repo_id.hex()
+        self._index: Index | None = None
+        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+
+    # Opening and creating
+
+    @classmethod
+    def init(
+        cls,
+        url: str,
+        password: bytes,
+        *,
+        cache_dir: Path | None = None,
+        chunker: ChunkerParams | None = None,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        kdf: KdfParams | None = None,
+    ) -> Repository:
+        """Create a repository at ``url`` and return it open."""
+        backend = open_backend(url)
+        if not backend.location_exists():
+            backend.create_location()
+        if backend.exists(CONFIG_NAME) or any(True for _ in backend.list("keys/")):
+            raise AlreadyExistsError(f"a repository already exists at {backend.url}")
+        params = chunker or DEFAULT_PARAMS
+        params.validate()
+        keys = MasterKeys.generate()
+        config = RepoConfig(
+            repo_id=os.urandom(32),
+            chunker=params,
+            pack_size=pack_size,
+            created=datetime.now().astimezone().isoformat(),
+        )
+        write_key(backend, keys, password, kdf)
+        data = encode_object(keys, ObjectKind.CONFIG, CONFIG_NAME, config.to_body())
+        backend.put(CONFIG_NAME, data)
+        log.info("created repository %s", backend.url)
+        return cls(backend, keys, config, cache_dir or default_cache_dir())
+
+    @classmethod
+    def open(cls, url: str, password: bytes, *, cache_dir: Path | None = None) -> Repository:
+        """Open the repository at ``url``; raise `WrongPasswordError` on a wrong password."""
+        backend = open_backend(url)
+        if not backend.exists(CONFIG_NAME):
+            raise NotFoundError(
+                f"no repository at {backend.url}: run `cas init` there first, "
+                f"or check the -r/--repo value"
+            )
+        keys, _key_name = unlock(backend, password)
+        body = decode_object(keys, ObjectKind.CONFIG, CONFIG_NAME, backend.get(CONFIG_NAME))
+        config = RepoConfig.from_body(body)
+        return cls(backend, keys, config, cache_dir or default_cache_dir())
+
+    def close(self) -> None:
+        """Close the index cache and the backend."""
+        if self._index is not None:
+            self._index.cache.close()
+            self._index = None
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Index
+
+    @property
+    def index(self) -> Index:
+        """Return the index, syncing the local cache with the repository on first use."""
+        if self._index is None:
+            cache = IndexCache(self.cache_dir / "index")
+            self._index = Index(self.backend, self.keys, cache)
+            self._index.sync()
+        return self._index
+
+    # Snapshots
+
+    def snapshot_names(self) -> list[str]:
+        """Return the hex ids of every snapshot object."""
+        names = (info.name for info in self.backend.list(SNAPSHOT_PREFIX))
+        return sorted(name[len(SNAPSHOT_PREFIX) :] for name in names)
+
+    def load_snapshot(self, snapshot_hex: str) -> Snapshot:
+        """Read, authenticate and validate one snapshot by full hex id."""
+        name = SNAPSHOT_PREFIX + snapshot_hex
+        body = decode_object(self.keys, ObjectKind.SNAPSHOT, name, self.backend.get(name))
+        snapshot_id = bytes.fromhex(snapshot_hex)
+        snapshot = snapshot_from_body(snapshot_id, body, name)
+        if self.keys.blob_id(encode_object_body(snapshot)) != snapshot_id:
+            raise IntegrityError(f"snapshot {snapshot_hex} does not match its id")
+        return snapshot
+
+    def list_snapshots(self) -> list[Snapshot]:
+        """Return every snapshot, oldest first."""
+        snapshots = [self.load_snapshot(name) for name in self.snapshot_names()]
+        return sorted(snapshots, key=lambda snap: (snap.datetime, snap.snapshot_hex))
+
+    def resolve_snapshot(self, name: str) -> Snapshot:
+        """Find a snapshot by full hex id, unique prefix of 8+ hex digits, or ``latest``."""
+        if name == "latest":
+            snapshots = self.list_snapshots()
+            if not snapshots:
+                raise NotFoundError(f"repository {self.backend.url} has no snapshots yet")
+            return snapshots[-1]
+        lowered = name.lower()
+        if not is_hex_prefix(lowered) or len(lowered) < MIN_PREFIX_LENGTH:
+            raise UsageError(
+                f"invalid snapshot name {name!r}: give a full id, a prefix of at least "
+                f"{MIN_PREFIX_LENGTH} hex digits, or 'latest'"
+            )
+        matches = [hex_id for hex_id in self.snapshot_names() if hex_id.startswith(lowered)]
+        if not matches:
+            raise NotFoundError(f"no snapshot matches {name!r}; `cas log` lists them")
+        if len(matches) > 1:
+            listed = ", ".join(match[:16] for match in matches[:5])
+            raise AmbiguousNameError(
+                f"snapshot prefix {name!r} matches {len(matches)} snapshots ({listed}); "
+                f"give more digits"
+            )
+        return self.load_snapshot(matches[0])
+
+    def write_snapshot(self, snapshot: Snapshot) -> tuple[Snapshot, int]:
+        """Store a snapshot object; return it with its id set, and the bytes written."""
+        body_bytes = encode_object_body(snapshot)
+        snapshot_id = self.keys.blob_id(body_bytes)
+        stored = Snapshot(**{**snapshot.__dict__, "snapshot_id": snapshot_id})
+        name = SNAPSHOT_PREFIX + snapshot_id.hex()
+        data = encode_object(self.keys, ObjectKind.SNAPSHOT, name, stored.to_body())
+        self.backend.put(name, data)
+        return stored, len(data)
+
+    # Blobs and trees
+
+    def read_blob(self, blob_id: bytes) -> bytes:
+        """Read one blob by id: look it up, fetch its bytes, authenticate, decompress, verify."""
+        location = self.index.lookup(blob_id)
+        if location is None:
+            raise NotFoundError(f"blob {blob_id.hex()} is not in the index")
+        if location.raw_size > MAX_BLOB_RAW_SIZE or location.offset < PROLOGUE_SIZE:
+            raise IntegrityError(f"index entry of blob {blob_id.hex()} is out of bounds")
+        name = pack_name(location.pack_id)
+        prologue = self.backend.get(name, 0, PROLOGUE_SIZE)
+        stored = self.backend.get(name, location.offset, location.stored_size)
+        opener = BlobOpener(self.keys, location.pack_id, prologue[5], prologue[8:40])
+        return opener.open(
+            blob_id,
+            location.blob_type,
+            location.codec,
+            location.filter,
+            location.raw_size,
+            location.offset,
+            stored,
+        )
+
+    def load_tree(self, tree_id: bytes) -> list[Node]:
+        """Return a tree's nodes; keeps the last 256 trees in memory."""
+        cached = self._trees.get(tree_id)
+        if cached is not None:
+            self._trees.move_to_end(tree_id)
+            return cached
+        nodes = decode_tree(self.read_blob(tree_id), f"tree {tree_id.hex()}")
+        self._trees[tree_id] = nodes
+        if len(self._trees) > 256:
+            self._trees.popitem(last=False)
+        return nodes
+
+
+def encode_object_body(snapshot: Snapshot) -> bytes:
+    """Return the msgpack body whose keyed hash is the snapshot id."""
+    from cas.crypto import pack_msgpack
+
+    return pack_msgpack(snapshot.to_body())

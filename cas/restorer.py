@@ -1,0 +1,430 @@
+"""Checking out a snapshot: recreate its tree in a folder, byte for byte, verified.
+
+Phases:
+
+1. Plan: walk the snapshot's trees, create folders, symlinks and empty
+   files, and list every (chunk id, file, offset) that must be written.
+2. Content: group the needed chunks by pack, read each pack's needed range
+   once, decrypt and verify each blob on a pool of threads, and write it
+   with ``os.pwrite`` at every offset that needs it. All-zero chunks are
+   recognised by id and never read nor written, so they stay holes.
+3. Finish: truncate each file to its size, verify its whole-content BLAKE3
+   digest, then restore modes and times (folders last, deepest first).
+
+Safety: every name comes from a validated tree (no "", ".", "..", "/" or
+NUL), and every file or folder is opened relative to its parent folder's
+descriptor with ``O_NOFOLLOW``, so neither a crafted tree nor a symlink that
+already exists in the target can make the restorer write outside the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import stat
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import blake3
+
+from cas.errors import CasError, IntegrityError, UsageError
+from cas.index import BlobLocation, pack_name
+from cas.pack import PROLOGUE_SIZE, BlobOpener, parse_prologue
+from cas.repository import Repository
+from cas.snapshot import Snapshot
+from cas.tree import Node
+
+log = logging.getLogger(__name__)
+
+# Read a pack's whole needed span in one request unless it is over twice the
+# bytes actually needed; then read each blob on its own.
+_SPAN_SLACK = 2
+
+
+@dataclass
+class CheckoutOptions:
+    """How a checkout runs."""
+
+    overwrite: bool = False
+    threads: int = 0
+    memory_limit: int = 256 << 20
+
+
+@dataclass
+class CheckoutProgress:
+    """Counters handed to the progress callback."""
+
+    bytes_written: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    """What a checkout did; ``failed`` names each file that could not be restored."""
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes_total: int
+    failed: tuple[tuple[str, str], ...]
+    seconds: float
+
+
+@dataclass
+class _FileJob:
+    rel: tuple[bytes, ...]
+    node: Node
+    error: str = ""
+
+
+@dataclass
+class _DirJob:
+    rel: tuple[bytes, ...]
+    node: Node | None
+
+
+@dataclass
+class _Plan:
+    files: list[_FileJob] = field(default_factory=list)
+    dirs: list[_DirJob] = field(default_factory=list)
+    symlinks: int = 0
+    # chunk id -> [(file number, offset in file)]
+    targets: dict[bytes, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    sizes: dict[bytes, int] = field(default_factory=dict)
+
+
+class _SafeTree:
+    """Opens paths below the target folder without following any symlink."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def open_dir(self, rel: tuple[bytes, ...]) -> int:
+        """Open a folder below the root, refusing symlinks at every step."""
+        fd = os.dup(self.root_fd)
+        for part in rel:
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
+
+    def display(self, rel: tuple[bytes, ...]) -> str:
+        return os.path.join(self.root, *(os.fsdecode(part) for part in rel))
+
+
+class Restorer:
+    """Restores one snapshot into a folder."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot: Snapshot,
+        target: str,
+        options: CheckoutOptions | None = None,
+        progress: Callable[[CheckoutProgress], None] | None = None,
+    ) -> None:
+        from cas.archiver import effective_threads
+
+        self.repo = repo
+        self.snapshot = snapshot
+        self.target = os.path.abspath(target)
+        self.options = options or CheckoutOptions()
+        self.threads = effective_threads(self.options.threads)
+        self.progress_callback = progress
+        self.progress = CheckoutProgress()
+        self._lock = threading.Lock()
+        self._zero_ids: dict[int, bytes] = {}
+
+    def run(self) -> CheckoutResult:
+        """Restore the snapshot; files that fail are listed in the result, not raised."""
+        started = time.monotonic()
+        self._prepare_target()
+        self.safe = _SafeTree(self.target)
+        try:
+            plan = _Plan()
+            self._plan_dir(self.snapshot.tree_id, (), plan)
+            self.progress.bytes_total = sum(job.node.size for job in plan.files)
+            self._write_content(plan)
+            self._finish_files(plan)
+            self._finish_dirs(plan)
+        finally:
+            self.safe.close()
+        failed = tuple((self.safe.display(job.rel), job.error) for job in plan.files if job.error)
+        return CheckoutResult(
+            files=len(plan.files),
+            dirs=len(plan.dirs),
+            symlinks=plan.symlinks,
+            bytes_total=self.progress.bytes_total,
+            failed=failed,
+            seconds=time.monotonic() - started,
+        )
+
+    def _prepare_target(self) -> None:
+        if os.path.lexists(self.target) and not os.path.isdir(self.target):
+            raise UsageError(f"checkout target {self.target} exists and is not a folder")
+        if os.path.isdir(self.target) and os.listdir(self.target) and not self.options.overwrite:
+            raise UsageError(
+                f"checkout target {self.target} is not empty; choose an empty or new folder, "
+                f"or pass --overwrite"
+            )
+        os.makedirs(self.target, exist_ok=True)
+
+    # Phase 1: plan and create the skeleton
+
+    def _plan_dir(self, tree_id: bytes, rel: tuple[bytes, ...], plan: _Plan) -> None:
+        nodes = self.repo.load_tree(tree_id)
+        dir_fd = self.safe.open_dir(rel)
+        try:
+            for node in nodes:
+                self._plan_node(node, rel, dir_fd, plan)
+        finally:
+            os.close(dir_fd)
+        for node in nodes:
+            if node.type == "dir":
+                plan.dirs.append(_DirJob((*rel, node.name), node))
+                self._plan_dir(node.subtree, (*rel, node.name), plan)
+
+    def _plan_node(self, node: Node, rel: tuple[bytes, ...], dir_fd: int, plan: _Plan) -> None:
+        name = node.name
+        if node.type == "dir":
+            try:
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+            except FileExistsError:
+                _require_real_dir(name, dir_fd, self.safe.display((*rel, name)))
+        elif node.type == "symlink":
+            _remove_existing(name, dir_fd)
+            os.symlink(node.target, name, dir_fd=dir_fd)
+            plan.symlinks += 1
+        elif node.type == "file":
+            _remove_existing(name, dir_fd)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
+            )
+            os.close(fd)
+            number = len(plan.files)
+            plan.files.append(_FileJob((*rel, name), node))
+            offset = 0
+            for chunk_id, size in zip(node.chunk_ids, node.sizes, strict=True):
+                plan.targets[chunk_id].append((number, offset))
+                plan.sizes[chunk_id] = size
+                offset += size
+        else:
+            self._make_special(node, dir_fd, rel)
+
+    def _make_special(self, node: Node, dir_fd: int, rel: tuple[bytes, ...]) -> None:
+        _remove_existing(node.name, dir_fd)
+        kinds = {"fifo": stat.S_IFIFO, "chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK}
+        if node.type not in kinds:
+            log.warning(
+                "not restoring %s of type %s", self.safe.display((*rel, node.name)), node.type
+            )
+            return
+        try:
+            os.mknod(node.name, kinds[node.type] | node.mode, node.rdev, dir_fd=dir_fd)
+        except PermissionError:
+            log.warning("no permission to create device %s", self.safe.display((*rel, node.name)))
+
+    # Phase 2: content
+
+    def _zero_id(self, size: int) -> bytes:
+        zero_id = self._zero_ids.get(size)
+        if zero_id is None:
+            zero_id = self.repo.keys.blob_id(bytes(size))
+            self._zero_ids[size] = zero_id
+        return zero_id
+
+    def _write_content(self, plan: _Plan) -> None:
+        by_pack: dict[bytes, list[tuple[bytes, BlobLocation]]] = defaultdict(list)
+        for chunk_id in plan.targets:
+            if chunk_id == self._zero_id(plan.sizes[chunk_id]):
+                self._advance(plan.sizes[chunk_id] * len(plan.targets[chunk_id]))
+                continue
+            location = self.repo.index.lookup(chunk_id)
+            if location is None:
+                self._fail(plan, chunk_id, f"chunk {chunk_id.hex()} is missing from the index")
+                continue
+            by_pack[location.pack_id].append((chunk_id, location))
+        packs = sorted(by_pack.items(), key=lambda item: min(loc.offset for _, loc in item[1]))
+        if self.threads == 1:
+            for pack_id, blobs in packs:
+                self._restore_pack(plan, pack_id, blobs)
+            return
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="cas-restore") as pool:
+            for future in [
+                pool.submit(self._restore_pack, plan, pid, blobs) for pid, blobs in packs
+            ]:
+                future.result()
+
+    def _restore_pack(
+        self, plan: _Plan, pack_id: bytes, blobs: list[tuple[bytes, BlobLocation]]
+    ) -> None:
+        name = pack_name(pack_id)
+        blobs.sort(key=lambda item: item[1].offset)
+        try:
+            key_mode, salt = parse_prologue(self.repo.backend.get(name, 0, PROLOGUE_SIZE), name)
+            opener = BlobOpener(self.repo.keys, pack_id, key_mode, salt)
+            start = blobs[0][1].offset
+            end = max(loc.offset + loc.stored_size for _, loc in blobs)
+            needed = sum(loc.stored_size for _, loc in blobs)
+            span = (
+                self.repo.backend.get(name, start, end - start)
+                if end - start <= _SPAN_SLACK * needed
+                else None
+            )
+        except CasError as exc:
+            for chunk_id, _ in blobs:
+                self._fail(plan, chunk_id, f"pack {pack_id.hex()} is unreadable: {exc}")
+            return
+        # Descriptors are per call, so no thread closes a file another one writes.
+        fds: dict[int, int] = {}
+        try:
+            self._open_blobs(plan, opener, name, blobs, span, start, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _open_blobs(
+        self,
+        plan: _Plan,
+        opener: BlobOpener,
+        name: str,
+        blobs: list[tuple[bytes, BlobLocation]],
+        span: bytes | None,
+        start: int,
+        fds: dict[int, int],
+    ) -> None:
+        for chunk_id, loc in blobs:
+            try:
+                if span is not None:
+                    stored = memoryview(span)[
+                        loc.offset - start : loc.offset - start + loc.stored_size
+                    ]
+                else:
+                    stored = memoryview(self.repo.backend.get(name, loc.offset, loc.stored_size))
+                plain = opener.open(
+                    chunk_id, loc.blob_type, loc.codec, loc.filter, loc.raw_size, loc.offset, stored
+                )
+            except CasError as exc:
+                self._fail(plan, chunk_id, str(exc))
+                continue
+            for number, offset in plan.targets[chunk_id]:
+                self._pwrite(plan, fds, number, plain, offset)
+            self._advance(len(plain) * len(plan.targets[chunk_id]))
+
+    def _pwrite(
+        self, plan: _Plan, fds: dict[int, int], number: int, data: bytes, offset: int
+    ) -> None:
+        job = plan.files[number]
+        if job.error:
+            return
+        try:
+            fd = fds.get(number)
+            if fd is None:
+                fd = fds[number] = self._open_file(job, os.O_WRONLY)
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            job.error = f"write failed: {exc.strerror}"
+
+    def _open_file(self, job: _FileJob, flags: int) -> int:
+        dir_fd = self.safe.open_dir(job.rel[:-1])
+        try:
+            return os.open(job.rel[-1], flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _fail(self, plan: _Plan, chunk_id: bytes, reason: str) -> None:
+        log.error("%s", reason)
+        for number, _ in plan.targets.get(chunk_id, []):
+            if not plan.files[number].error:
+                plan.files[number].error = reason
+
+    def _advance(self, count: int) -> None:
+        with self._lock:
+            self.progress.bytes_written += count
+        if self.progress_callback:
+            self.progress_callback(self.progress)
+
+    # Phase 3: sizes, digests, metadata
+
+    def _finish_files(self, plan: _Plan) -> None:
+        for job in plan.files:
+            try:
+                self._finish_file(job)
+            except (OSError, IntegrityError) as exc:
+                job.error = job.error or str(exc)
+            self.progress.files_done += 1
+
+    def _finish_file(self, job: _FileJob) -> None:
+        fd = self._open_file(job, os.O_RDWR)
+        try:
+            os.ftruncate(fd, job.node.size)
+            if not job.error and _digest_fd(fd, job.node.size) != job.node.digest:
+                job.error = "content does not match the digest recorded in the snapshot"
+            _apply_metadata(fd, job.node)
+        finally:
+            os.close(fd)
+
+    def _finish_dirs(self, plan: _Plan) -> None:
+        for job in sorted(plan.dirs, key=lambda item: len(item.rel), reverse=True):
+            if job.node is None:
+                continue
+            try:
+                fd = self.safe.open_dir(job.rel)
+                try:
+                    _apply_metadata(fd, job.node)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("cannot restore metadata of %s: %s", self.safe.display(job.rel), exc)
+
+
+def _digest_fd(fd: int, size: int) -> bytes:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if size:
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+            hasher.update(mapped)
+    return hasher.digest()
+
+
+def _apply_metadata(fd: int, node: Node) -> None:
+    if os.geteuid() == 0:
+        try:
+            os.fchown(fd, node.uid, node.gid)
+        except OSError as exc:
+            log.warning("cannot restore owner of %r: %s", node.name, exc)
+    os.fchmod(fd, node.mode)
+    os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+
+def _require_real_dir(name: bytes, dir_fd: int, shown: str) -> None:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{shown} exists in the target and is not a folder; remove it first")
+
+
+def _remove_existing(name: bytes, dir_fd: int) -> None:
+    """Remove a non-folder entry that an overwrite replaces; never follows a symlink."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.EISDIR, "a folder is in the way", os.fsdecode(name))
+    os.unlink(name, dir_fd=dir_fd)

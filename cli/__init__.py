@@ -1,0 +1,1 @@
+"""The `cas` command line: argument parsing, passwords, output and exit codes."""

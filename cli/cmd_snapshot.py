@@ -1,0 +1,107 @@
+"""`cas snapshot PATH...`: store files and folders as a new snapshot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cas.archiver import Archiver, SnapshotOptions, SnapshotProgress
+from cas.errors import UsageError
+
+from .context import human_size, info, open_repository, print_json
+from .progress import ProgressLine
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    """Add the command's parser."""
+    parser = commands.add_parser(
+        "snapshot", parents=[parent], help="store files and folders as a new snapshot"
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to store")
+    parser.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
+    parser.add_argument("--message", "-m", default="", help="a message stored with the snapshot")
+    parser.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="free metadata (repeatable)",
+    )
+    parser.add_argument(
+        "--parent",
+        default=None,
+        help="snapshot to compare unchanged files against (default: the latest of the same paths and host)",
+    )
+    parser.add_argument("--host", default="", help="host name to record (default: this machine's)")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="bound on file and pack buffers in MiB (default 256)",
+    )
+    parser.set_defaults(run=run)
+
+
+def parse_meta(items: list[str]) -> dict[str, str]:
+    """Parse KEY=VALUE strings."""
+    meta = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --meta {item!r}: write KEY=VALUE")
+        meta[key] = value
+    return meta
+
+
+def run(args: argparse.Namespace) -> int:
+    """Take the snapshot and print its summary."""
+    options = SnapshotOptions(
+        tags=args.tag,
+        message=args.message,
+        meta=parse_meta(args.meta),
+        parent=args.parent,
+        threads=args.threads,
+        memory_limit=args.memory << 20,
+        host=args.host,
+    )
+    with open_repository(args) as repo:
+        line = ProgressLine(enabled=not args.quiet)
+
+        def show(progress: SnapshotProgress) -> None:
+            line.update(
+                f"{progress.files} files, {human_size(progress.bytes_read)} read",
+                progress.bytes_read,
+            )
+
+        result = Archiver(repo, options, show).run(args.paths)
+        line.close()
+    snapshot = result.snapshot
+    if args.json:
+        print_json(
+            {
+                "id": snapshot.snapshot_hex,
+                "time": snapshot.time,
+                "parent": snapshot.parent_id.hex() if snapshot.parent_id else None,
+                "files": result.files,
+                "dirs": result.dirs,
+                "unchanged_files": result.unchanged_files,
+                "bytes_total": result.bytes_total,
+                "bytes_read": result.bytes_read,
+                "bytes_added": result.bytes_added,
+                "new_chunks": result.new_chunks,
+                "seconds": round(result.seconds, 3),
+                "warnings": list(result.warnings),
+            }
+        )
+    info(
+        args,
+        f"snapshot {snapshot.snapshot_hex[:16]} saved: {result.files} files, "
+        f"{human_size(result.bytes_total)} total, {human_size(result.bytes_read)} read, "
+        f"{human_size(result.bytes_added)} added in {result.seconds:.1f} s",
+    )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 1 if result.warnings else 0

@@ -1,0 +1,50 @@
+"""`cas stats`: repository size, packs, blobs and snapshots."""
+
+from __future__ import annotations
+
+import argparse
+
+from .context import human_size, open_repository, print_json
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    """Add the command's parser."""
+    parser = commands.add_parser("stats", parents=[parent], help="show repository size and counts")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the statistics."""
+    with open_repository(args) as repo:
+        sizes: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for prefix in ("data/", "index/", "snapshots/", "keys/", "locks/"):
+            objects = list(repo.backend.list(prefix))
+            sizes[prefix.rstrip("/")] = sum(item.size for item in objects)
+            counts[prefix.rstrip("/")] = len(objects)
+        logical = 0
+        for snapshot in repo.list_snapshots():
+            logical += int(snapshot.summary.get("bytes_total", 0))
+        stats = {
+            "repository_size": sum(sizes.values()),
+            "pack_count": counts["data"],
+            "pack_bytes": sizes["data"],
+            "index_count": counts["index"],
+            "snapshot_count": counts["snapshots"],
+            "blob_count": repo.index.cache.count(),
+            "logical_bytes": logical,
+            "dedup_ratio": round(logical / sizes["data"], 3) if sizes["data"] else None,
+        }
+    if args.json:
+        print_json(stats)
+        return 0
+    print(f"repository size  {human_size(stats['repository_size'])}")
+    print(f"packs            {stats['pack_count']} ({human_size(sizes['data'])})")
+    print(f"blobs            {stats['blob_count']}")
+    print(f"snapshots        {stats['snapshot_count']}")
+    print(f"logical size     {human_size(logical)} (sum over snapshots)")
+    if stats["dedup_ratio"]:
+        print(f"dedup ratio      {stats['dedup_ratio']}")
+    return 0

@@ -1,0 +1,101 @@
+"""The `cas` entry point: parse arguments, run a command, map errors to exit codes.
+
+Exit codes: 0 success, 1 finished with warnings, 2 usage or operational
+error (including refused operations), 3 integrity error found, 4 wrong
+password, 5 repository locked, 6 a user's verification command failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cas import __version__
+from cas.errors import (
+    CasError,
+    IntegrityError,
+    LockedError,
+    VerificationFailedError,
+    WrongPasswordError,
+)
+
+from . import (
+    cmd_check,
+    cmd_checkout,
+    cmd_debug,
+    cmd_init,
+    cmd_log,
+    cmd_ls,
+    cmd_snapshot,
+    cmd_stats,
+)
+from .context import add_global_options
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_EXIT_CODES: list[tuple[type[CasError], int]] = [
+    (IntegrityError, 3),
+    (WrongPasswordError, 4),
+    (LockedError, 5),
+    (VerificationFailedError, 6),
+]
+_COMMANDS = [cmd_init, cmd_snapshot, cmd_log, cmd_ls, cmd_checkout, cmd_stats, cmd_check, cmd_debug]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="cas", description="Deduplicating, encrypted snapshots of model files."
+    )
+    parser.add_argument("--version", action="version", version=f"cas {__version__}")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="log more (repeatable)")
+    add_global_options(parser, suppress=False)
+    parent = argparse.ArgumentParser(add_help=False)
+    add_global_options(parent, suppress=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMANDS:
+        module.register(commands, parent)
+    return parser
+
+
+def exit_code_of(error: CasError) -> int:
+    """Return the exit code for an error class."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s: %(message)s")
+    try:
+        code: int = args.run(args)
+    except CasError as error:
+        print(f"cas: {error}", file=sys.stderr)
+        return exit_code_of(error)
+    except KeyboardInterrupt:
+        print("cas: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`cas log | head`): not an error of cas.
+        sys.stderr.close()
+        return code_on_broken_pipe()
+    return code
+
+
+def code_on_broken_pipe() -> int:
+    """Silence the interpreter's flush of a closed stdout and return success."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

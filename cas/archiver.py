@@ -310,11 +310,11 @@ class Archiver:
                 )
             names[name] = source
         parent_nodes = self._parent_nodes(parent_root)
-        nodes = []
+        nodes: list[Node] = []
         for name, source in names.items():
-            node = self._store_path(source, name, parent_nodes.get(name), writer, follow=True)
-            if node is not None:
-                nodes.append(node)
+            stored = self._store_path(source, name, parent_nodes.get(name), writer, follow=True)
+            if stored is not None:
+                nodes.append(stored)
         return self._store_tree(nodes, writer)
 
     def _parent_nodes(self, tree_id: bytes | None) -> dict[bytes, Node]:

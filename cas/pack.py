@@ -11,6 +11,7 @@ full contract):
     6       2     reserved, 0
     8       32    salt (mode 1) or the writer's ephemeral X25519 public key (mode 2)
     40      ...   blobs, back to back: AES-256-GCM ciphertext || 16-byte tag
+    ...     P     zero bytes, so that the pack's length is a multiple of 4096
     H       L     header: AES-256-GCM(header key, nonce 0, msgpack entry list,
                   associated data = bytes 0..40)
     H+L     4     L, the sealed header's length
@@ -26,6 +27,7 @@ failing authentication.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -60,6 +62,9 @@ KEY_MODE_X25519 = 2
 MAX_BLOB_RAW_SIZE = 64 << 20  # largest chunk is 16 MiB; a tree may be larger
 MAX_HEADER_SIZE = 64 << 20
 MAX_PACK_SIZE = 4 << 30
+# Packs are zero-padded before the header to a multiple of this many bytes,
+# the block size that O_DIRECT writes need on common Linux file systems.
+PACK_ALIGNMENT = 4096
 
 _BLOB_AD = struct.Struct("<BBBI")
 _ENTRY_FIELDS = 7
@@ -134,7 +139,9 @@ class PackWriter:
         self.keys = keys
         self.target_size = target_size
         capacity = PROLOGUE_SIZE + target_size + max_blob_size + TAG_SIZE + (1 << 20)
-        self._buffer = bytearray(capacity)
+        # An anonymous mapping is page-aligned, so the local backend can write
+        # the finished pack with O_DIRECT (see `cas.backend.local`).
+        self._buffer = mmap.mmap(-1, _round_up(capacity))
         self._view = memoryview(self._buffer)
         self._max_blob_size = max_blob_size
         # Set while no upload thread is using the buffer; see `cas.blobstore`.
@@ -194,14 +201,29 @@ class PackWriter:
         key = pack_header_key(self.keys.index_key, self._salt, self.pack_id)
         prologue = bytes(self._view[:PROLOGUE_SIZE])
         sealed = AESGCM(key).encrypt(counter_nonce(0), header, prologue)
-        end = self._offset + len(sealed) + TRAILER_SIZE
+        padding = -(self._offset + len(sealed) + TRAILER_SIZE) % PACK_ALIGNMENT
+        header_start = self._offset + padding
+        end = header_start + len(sealed) + TRAILER_SIZE
         if end > len(self._buffer):
-            self._buffer.extend(bytes(end - len(self._buffer)))
-            self._view = memoryview(self._buffer)
-        self._view[self._offset : self._offset + len(sealed)] = sealed
+            self._grow(end)
+        self._view[self._offset : header_start] = bytes(padding)
+        self._view[header_start : header_start + len(sealed)] = sealed
         trailer = struct.pack("<I", len(sealed)) + PACK_END_MAGIC
-        self._view[self._offset + len(sealed) : end] = trailer
+        self._view[header_start + len(sealed) : end] = trailer
         return self._view[:end]
+
+    def _grow(self, size: int) -> None:
+        """Move the pack to a larger buffer; only a header of many tiny blobs needs it."""
+        bigger = mmap.mmap(-1, _round_up(size))
+        bigger[: self._offset] = self._view[: self._offset]
+        self._view.release()
+        self._buffer.close()
+        self._buffer = bigger
+        self._view = memoryview(self._buffer)
+
+
+def _round_up(size: int) -> int:
+    return -(-size // PACK_ALIGNMENT) * PACK_ALIGNMENT
 
 
 def compress(data: bytes | bytearray | memoryview) -> bytes | None:
@@ -297,19 +319,31 @@ class BlobOpener:
         raw_size: int,
         offset: int,
         stored: bytes | bytearray | memoryview,
-    ) -> bytes:
-        """Return a blob's verified plaintext; raise `IntegrityError` on any mismatch."""
+        out: bytearray | None = None,
+    ) -> bytes | memoryview:
+        """Return a blob's verified plaintext; raise `IntegrityError` on any mismatch.
+
+        With ``out``, an uncompressed blob is decrypted into that buffer and a
+        view of it is returned, valid until the buffer is reused.
+        """
         where = f"blob {blob_id.hex()} in pack {self.pack_id.hex()}"
         if raw_size > MAX_BLOB_RAW_SIZE or len(stored) < TAG_SIZE:
             raise IntegrityError(f"{where} has impossible sizes")
         ad = blob_associated_data(blob_type, codec, filt, raw_size, blob_id)
+        nonce = counter_nonce(offset)
+        plain: bytes | memoryview
         try:
-            payload = self._aead.decrypt(counter_nonce(offset), stored, ad)
+            if out is not None and codec == Codec.NONE and len(out) >= len(stored) - TAG_SIZE:
+                plain = memoryview(out)[: len(stored) - TAG_SIZE]
+                self._aead.decrypt_into(nonce, stored, ad, plain)
+                payload: bytes | memoryview = plain
+            else:
+                payload = self._aead.decrypt(nonce, stored, ad)
         except InvalidTag:
             raise IntegrityError(f"{where} failed authentication (damaged or moved)") from None
         if codec == Codec.LZ4:
             try:
-                plain: bytes = lz4.block.decompress(payload, uncompressed_size=raw_size)
+                plain = lz4.block.decompress(payload, uncompressed_size=raw_size)
             except lz4.block.LZ4BlockError:
                 raise IntegrityError(f"{where} does not decompress") from None
         elif codec == Codec.NONE:

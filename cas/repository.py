@@ -267,7 +267,7 @@ class Repository:
         prologue = self.backend.get(name, 0, PROLOGUE_SIZE)
         stored = self.backend.get(name, location.offset, location.stored_size)
         opener = BlobOpener(self.keys, location.pack_id, prologue[5], prologue[8:40])
-        return opener.open(
+        plain = opener.open(
             blob_id,
             location.blob_type,
             location.codec,
@@ -276,6 +276,7 @@ class Repository:
             location.offset,
             stored,
         )
+        return plain if isinstance(plain, bytes) else bytes(plain)
 
     def load_tree(self, tree_id: bytes) -> list[Node]:
         """Return a tree's nodes; keeps the last 256 trees in memory."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import stat
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
+from cas.crypto import TAG_SIZE
 from cas.errors import CasError, IntegrityError, UsageError
 from cas.index import BlobLocation, pack_name
 from cas.pack import PROLOGUE_SIZE, BlobOpener, parse_prologue
@@ -146,6 +146,7 @@ class Restorer:
         self.progress_callback = progress
         self.progress = CheckoutProgress()
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._zero_ids: dict[int, bytes] = {}
 
     def run(self) -> CheckoutResult:
@@ -268,22 +269,31 @@ class Restorer:
             ]:
                 future.result()
 
+    def _buffers(self) -> tuple[bytearray, bytearray]:
+        """Return this thread's reused span and plaintext buffers."""
+        buffers: tuple[bytearray, bytearray] | None = getattr(self._local, "buffers", None)
+        if buffers is None:
+            span = bytearray(self.repo.config.pack_size + (1 << 20))
+            plain = bytearray(self.repo.config.chunker.max_size + TAG_SIZE)
+            buffers = self._local.buffers = (span, plain)
+        return buffers
+
     def _restore_pack(
         self, plan: _Plan, pack_id: bytes, blobs: list[tuple[bytes, BlobLocation]]
     ) -> None:
         name = pack_name(pack_id)
         blobs.sort(key=lambda item: item[1].offset)
+        span_buffer, plain_buffer = self._buffers()
         try:
             key_mode, salt = parse_prologue(self.repo.backend.get(name, 0, PROLOGUE_SIZE), name)
             opener = BlobOpener(self.repo.keys, pack_id, key_mode, salt)
             start = blobs[0][1].offset
             end = max(loc.offset + loc.stored_size for _, loc in blobs)
             needed = sum(loc.stored_size for _, loc in blobs)
-            span = (
-                self.repo.backend.get(name, start, end - start)
-                if end - start <= _SPAN_SLACK * needed
-                else None
-            )
+            span: memoryview | None = None
+            if end - start <= min(_SPAN_SLACK * needed, len(span_buffer)):
+                span = memoryview(span_buffer)[: end - start]
+                self.repo.backend.read_into(name, start, span)
         except CasError as exc:
             for chunk_id, _ in blobs:
                 self._fail(plan, chunk_id, f"pack {pack_id.hex()} is unreadable: {exc}")
@@ -291,41 +301,34 @@ class Restorer:
         # Descriptors are per call, so no thread closes a file another one writes.
         fds: dict[int, int] = {}
         try:
-            self._open_blobs(plan, opener, name, blobs, span, start, fds)
+            for chunk_id, loc in blobs:
+                if span is not None:
+                    stored = span[loc.offset - start : loc.offset - start + loc.stored_size]
+                else:
+                    stored = memoryview(self.repo.backend.get(name, loc.offset, loc.stored_size))
+                try:
+                    plain = opener.open(
+                        chunk_id,
+                        loc.blob_type,
+                        loc.codec,
+                        loc.filter,
+                        loc.raw_size,
+                        loc.offset,
+                        stored,
+                        plain_buffer,
+                    )
+                except CasError as exc:
+                    self._fail(plan, chunk_id, str(exc))
+                    continue
+                for number, offset in plan.targets[chunk_id]:
+                    self._pwrite(plan, fds, number, plain, offset)
+                self._advance(len(plain) * len(plan.targets[chunk_id]))
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    def _open_blobs(
-        self,
-        plan: _Plan,
-        opener: BlobOpener,
-        name: str,
-        blobs: list[tuple[bytes, BlobLocation]],
-        span: bytes | None,
-        start: int,
-        fds: dict[int, int],
-    ) -> None:
-        for chunk_id, loc in blobs:
-            try:
-                if span is not None:
-                    stored = memoryview(span)[
-                        loc.offset - start : loc.offset - start + loc.stored_size
-                    ]
-                else:
-                    stored = memoryview(self.repo.backend.get(name, loc.offset, loc.stored_size))
-                plain = opener.open(
-                    chunk_id, loc.blob_type, loc.codec, loc.filter, loc.raw_size, loc.offset, stored
-                )
-            except CasError as exc:
-                self._fail(plan, chunk_id, str(exc))
-                continue
-            for number, offset in plan.targets[chunk_id]:
-                self._pwrite(plan, fds, number, plain, offset)
-            self._advance(len(plain) * len(plan.targets[chunk_id]))
-
     def _pwrite(
-        self, plan: _Plan, fds: dict[int, int], number: int, data: bytes, offset: int
+        self, plan: _Plan, fds: dict[int, int], number: int, data: bytes | memoryview, offset: int
     ) -> None:
         job = plan.files[number]
         if job.error:
@@ -395,11 +398,29 @@ class Restorer:
                 log.warning("cannot restore metadata of %s: %s", self.safe.display(job.rel), exc)
 
 
+_DIGEST_BLOCK = 8 << 20
+_digest_buffers = threading.local()
+
+
 def _digest_fd(fd: int, size: int) -> bytes:
+    """Return the BLAKE3 of a file's first ``size`` bytes, read through a reused buffer.
+
+    Reading into one buffer per thread, rather than mapping the file, keeps the
+    resident set flat for files of any size.
+    """
+    buffer = getattr(_digest_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _digest_buffers.buffer = bytearray(_DIGEST_BLOCK)
+    view = memoryview(buffer)
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if size:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-            hasher.update(mapped)
+    offset = 0
+    while offset < size:
+        count = os.preadv(fd, [view[: min(_DIGEST_BLOCK, size - offset)]], offset)
+        if count == 0:
+            break
+        hasher.update(view[:count])
+        offset += count
+    view.release()
     return hasher.digest()
 
 

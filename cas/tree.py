@@ -81,8 +81,18 @@ _DEFAULTS: dict[str, Any] = {
     item.name: (item.default_factory() if callable(item.default_factory) else item.default)
     for item in fields(Node)
 }
-_INT_FIELDS = ("mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "device", "nlink", "size")
-_INT_FIELDS += ("rdev",)
+_INT_FIELDS = (
+    "mode",
+    "uid",
+    "gid",
+    "mtime_ns",
+    "ctime_ns",
+    "inode",
+    "device",
+    "nlink",
+    "size",
+    "rdev",
+)
 _BYTES_FIELDS = ("chunks", "digest", "target", "subtree")
 
 

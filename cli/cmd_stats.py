@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         logical = 0
         for snapshot in repo.list_snapshots():
             logical += int(snapshot.summary.get("bytes_total", 0))
-        stats = {
+        stats: dict[str, object] = {
             "repository_size": sum(sizes.values()),
             "pack_count": counts["data"],
             "pack_bytes": sizes["data"],
@@ -40,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(stats)
         return 0
-    print(f"repository size  {human_size(stats['repository_size'])}")
+    print(f"repository size  {human_size(sum(sizes.values()))}")
     print(f"packs            {stats['pack_count']} ({human_size(sizes['data'])})")
     print(f"blobs            {stats['blob_count']}")
     print(f"snapshots        {stats['snapshot_count']}")
     print(f"logical size     {human_size(logical)} (sum over snapshots)")
-    if stats["dedup_ratio"]:
-        print(f"dedup ratio      {stats['dedup_ratio']}")
+    if sizes["data"]:
+        print(f"dedup ratio      {logical / sizes['data']:.2f}")
     return 0

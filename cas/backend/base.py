@@ -67,6 +67,10 @@ class Backend(ABC):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes of the object from ``offset`` (all when None)."""
 
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the object's bytes from ``offset``; a short read raises."""
+        view[:] = self.get(name, offset, len(view))
+
     @abstractmethod
     def size(self, name: str) -> int:
         """Return the size of an object in bytes."""

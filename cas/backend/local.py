@@ -10,6 +10,7 @@ fsyncs the folder so the new name survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
@@ -21,6 +22,9 @@ from cas.backend.base import Backend, ObjectInfo, validate_name
 from cas.errors import AlreadyExistsError, BackendError, NoSpaceError, NotFoundError
 
 _TMP_PREFIX = ".tmp-"
+_DIRECT_ALIGNMENT = 4096
+# Below this size the page cache costs little and O_DIRECT gains nothing.
+_DIRECT_MIN_SIZE = 1 << 20
 
 
 class LocalBackend(Backend):
@@ -65,15 +69,7 @@ class LocalBackend(Backend):
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         try:
             self._ensure_dir(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data).cast("B")
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_file(tmp, memoryview(data).cast("B"))
             if overwrite:
                 os.replace(tmp, path)
             else:
@@ -103,6 +99,27 @@ class LocalBackend(Backend):
                 f"short read of {name}: wanted {length} bytes at offset {offset}, got {len(data)}"
             )
         return data
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Read into ``view`` with positioned reads, avoiding a new buffer per call."""
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except OSError as exc:
+            raise _translate(exc, name) from exc
+        try:
+            done = 0
+            while done < len(view):
+                count = os.preadv(fd, [view[done:]], offset + done)
+                if count == 0:
+                    raise BackendError(
+                        f"short read of {name}: wanted {len(view)} bytes at offset {offset}, "
+                        f"got {done}"
+                    )
+                done += count
+        except OSError as exc:
+            raise _translate(exc, name) from exc
+        finally:
+            os.close(fd)
 
     def size(self, name: str) -> int:
         """Return the object's size in bytes."""
@@ -150,6 +167,55 @@ class LocalBackend(Backend):
                     _unlink_quietly(Path(dirpath) / filename)
                     count += 1
         return count
+
+
+def _write_file(path: Path, view: memoryview) -> None:
+    """Create ``path`` with the bytes of ``view`` and fsync it.
+
+    Page-aligned buffers whose length is a multiple of 4096 (packs are built
+    that way) are written with O_DIRECT: on the virtual machines measured,
+    buffered writes of fresh pages cost about 2.5 s of kernel CPU per GiB and
+    direct writes about 0.03 s. File systems that reject O_DIRECT (tmpfs,
+    some network file systems) get an ordinary buffered write.
+    """
+    if _direct_io_possible(view):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                _write_all(fd, view)
+                os.fsync(fd)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(fd)
+            os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, view)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _direct_io_possible(view: memoryview) -> bool:
+    if not hasattr(os, "O_DIRECT") or view.readonly or len(view) % _DIRECT_ALIGNMENT:
+        return False
+    if len(view) < _DIRECT_MIN_SIZE:
+        return False
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return address % _DIRECT_ALIGNMENT == 0
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -49,9 +49,9 @@ DEFAULT_BLOCK_SIZE = 16 * MiB
 _UINT64_MASK = 2**64 - 1
 
 # NOTE: pyfastcdc 0.3.1 raises OverflowError for seeds of 2**63 and above, because it
-# computes ``seed << 1`` before storing it in a uint64. Bit 63 of the seed never changes
-# a cut point (bits of the gear hash only move upwards, and no mask reaches bit 63), so
-# `Chunker` clears it before handing the seed over; only pyfastcdc's gear_hash differs.
+# computes ``seed << 1`` before storing it in a uint64. Bit 63 of the seed never changes a
+# cut point, because gear-hash bits only move upwards and no mask reaches bit 63. So
+# `Chunker` clears it before handing the seed over, and only pyfastcdc's gear_hash differs.
 _PYFASTCDC_SEED_MASK = 2**63 - 1
 
 Buffer = bytes | bytearray | memoryview
@@ -103,12 +103,13 @@ class Chunker:
     """A FastCDC 2020 chunker with fixed parameters and gear table.
 
     ``seed`` 0 selects the public gear table; any other seed below 2**64 XORs every
-    table entry with it. Only the low 48 bits of the seed change cut points,
-    because the gear hash bits that the masks test (bits 0 to 48) depend only on the
-    low bits of the table entries.
+    table entry with it. Only the low 48 bits of the seed change cut points: the
+    masks test gear-hash bits 0 to 48, and those depend only on bits 0 to 47 of the
+    table entries, because shifts and carries move bits upwards only.
 
-    Each call keeps its own state, so several threads may call one instance; pyfastcdc
-    releases the GIL while it searches for a cut point.
+    Several threads may call one instance: pyfastcdc 0.3.1 keeps each call's state in
+    the iterator that ``cut_buf`` returns, and releases the GIL while it searches for a
+    cut point.
     """
 
     params: ChunkerParams
@@ -141,8 +142,8 @@ class Chunker:
         if total_size == 0:
             return []
 
-        # The next chunk starts at ``offset``; a chunk is computed only once it is
-        # settled, so no hashing is spent on bytes that the next call sees again.
+        # The next chunk starts at ``offset``. A chunk is computed only once it is settled,
+        # so the bytes that the caller passes again are not hashed twice.
         last_settled_start = total_size - 1 if final else total_size - self.params.max_size
         lengths: list[int] = []
         offset = 0
@@ -158,8 +159,8 @@ class Chunker:
     ) -> Iterator[memoryview]:
         """Read ``reader`` to its end and yield each chunk as a view into a reused buffer.
 
-        A yielded view is valid only until the next iteration. The buffer holds
-        ``block_size + max_size`` bytes, whatever the input size. Short reads (pipes,
+        A yielded view is valid only until the next iteration. The buffer is
+        ``block_size + max_size`` bytes long, whatever the input size. Short reads (pipes,
         sockets) are read again until the buffer is full or the reader returns no bytes.
         ``reader`` needs ``readinto`` or ``read``; a non-blocking reader that has no data
         raises `UsageError`.
@@ -256,7 +257,7 @@ def _fill(read_into: ReadInto, buffer: memoryview, start: int) -> tuple[int, boo
 
 
 # Pure-Python references, used by the tests to check gear hashes. They follow the
-# published algorithm descriptions step by step and run at about 1 MB/s.
+# published algorithm descriptions step by step and run at about 10 MB/s.
 
 
 def reference_cut_2020(
@@ -268,7 +269,7 @@ def reference_cut_2020(
 ) -> list[tuple[int, int, int]]:
     """Cut ``data`` with FastCDC 2020 in pure Python; return (offset, length, gear_hash).
 
-    ``gear_table`` holds 256 unsigned 64-bit entries, already XORed with a seed if
+    ``gear_table`` contains 256 unsigned 64-bit entries, already XORed with a seed if
     any; the shifted table is ``entry << 1`` modulo 2**64. ``masks`` is the 26-entry
     FastCDC mask table indexed by bit count (pyfastcdc's table by default), and
     ``mask_bits`` overrides round(log2(avg_size)). The gear hash is 0 for a final chunk

@@ -31,8 +31,8 @@ import lmdb
 
 from cas.backend import Backend
 from cas.crypto import ID_SIZE, MasterKeys
-from cas.errors import IntegrityError, NotFoundError
-from cas.objects import ObjectKind, decode_object, encode_object
+from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError
+from cas.objects import ObjectKind, encode_object, read_object
 from cas.pack import PackEntry, parse_entry
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,10 @@ def decode_index_body(
     body: object, name: str
 ) -> tuple[list[tuple[bytes, list[PackEntry]]], list[str]]:
     """Validate an index object's body; return its packs with entries and its supersedes list."""
-    if not isinstance(body, dict) or body.get("v") != 1:
-        raise IntegrityError(f"index object {name} has an unknown layout")
+    if not isinstance(body, dict):
+        raise IntegrityError(f"index object {name} is not a map")
+    if body.get("v") != 1:
+        raise UnsupportedFormatError(f"index object {name} has layout version {body.get('v')!r}")
     raw_packs, supersedes = body.get("packs"), body.get("supersedes", [])
     if not isinstance(raw_packs, list) or not isinstance(supersedes, list):
         raise IntegrityError(f"index object {name} is malformed")
@@ -226,7 +228,7 @@ class Index:
 
     def read_index_object(self, name: str) -> tuple[list[tuple[bytes, list[PackEntry]]], list[str]]:
         """Read, authenticate and validate one index object."""
-        body = decode_object(self.keys, ObjectKind.INDEX, name, self.backend.get(name))
+        body = read_object(self.backend, self.keys, ObjectKind.INDEX, name)
         return decode_index_body(body, name)
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:

@@ -9,7 +9,9 @@ is bounded:
     iterations, lanes, memory_kib   Argon2id parameters
     sealed       nonce || AES-256-GCM(KEK, msgpack master keys) || tag, where
                  KEK = Argon2id(password) and the associated data is
-                 b"cas key v1 " + the object's name
+                 b"cas key v1 " + the object's name + msgpack of
+                 [salt, iterations, lanes, memory_kib, created, host, user,
+                 write_only], so every public field is authenticated too
     created      ISO 8601 time with UTC offset
     host, user   who created it
     write_only   whether the wrapped keys lack the data key
@@ -21,6 +23,7 @@ object and no data.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from typing import Any
 from cas.backend import Backend
 from cas.crypto import KdfParams, MasterKeys, open_sealed, pack_msgpack, seal, unpack_msgpack
 from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError, WrongPasswordError
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "keys/"
 MAX_KEY_OBJECT_SIZE = 64 << 10
@@ -69,6 +74,7 @@ def write_key(
         user=local_user(),
         write_only=keys.write_only,
     )
+    public = _public_fields(params, info.created, info.host, info.user, info.write_only)
     body = {
         "v": 1,
         "kdf": "argon2id",
@@ -77,7 +83,7 @@ def write_key(
         "lanes": params.lanes,
         "memory_kib": params.memory_kib,
         "sealed": seal(
-            params.derive(password), pack_msgpack(keys.to_dict()), _AD_PREFIX + name.encode()
+            params.derive(password), pack_msgpack(keys.to_dict()), _associated_data(name, public)
         ),
         "created": info.created,
         "host": info.host,
@@ -88,11 +94,28 @@ def write_key(
     return info
 
 
+def _public_fields(
+    params: KdfParams, created: object, host: object, user: object, write_only: object
+) -> list[object]:
+    return [
+        params.salt,
+        params.iterations,
+        params.lanes,
+        params.memory_kib,
+        created,
+        host,
+        user,
+        write_only,
+    ]
+
+
+def _associated_data(name: str, public: list[object]) -> bytes:
+    return _AD_PREFIX + name.encode() + pack_msgpack(public)
+
+
 def _read_key_object(backend: Backend, name: str) -> dict[str, Any]:
-    size = backend.size(name)
-    if size > MAX_KEY_OBJECT_SIZE:
-        raise IntegrityError(f"key object {name} is {size} bytes, over {MAX_KEY_OBJECT_SIZE}")
-    body = unpack_msgpack(backend.get(name), f"key object {name}", MAX_KEY_OBJECT_SIZE)
+    data = backend.get_bounded(name, MAX_KEY_OBJECT_SIZE)
+    body = unpack_msgpack(data, f"key object {name}", MAX_KEY_OBJECT_SIZE)
     if not isinstance(body, dict):
         raise IntegrityError(f"key object {name} is not a map")
     if body.get("v") != 1 or body.get("kdf") != "argon2id":
@@ -105,11 +128,14 @@ def _kdf_of(body: dict[str, Any], name: str) -> KdfParams:
     lanes, memory = body.get("lanes"), body.get("memory_kib")
     if not isinstance(salt, bytes) or not 8 <= len(salt) <= 64:
         raise IntegrityError(f"key object {name} has a malformed salt")
-    for value, low, high in ((iterations, 1, 100), (lanes, 1, 64), (memory, 8, 4 << 20)):
-        # Bounds keep a forged key object from making the KDF run for hours.
-        if not isinstance(value, int) or not low <= value <= high:
+    # Bounds keep a forged key object from making the KDF run for minutes or
+    # allocate more than 1 GiB; Argon2id itself needs memory >= 8 KiB per lane.
+    for value, low, high in ((iterations, 1, 16), (lanes, 1, 16), (memory, 8, 1 << 20)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise IntegrityError(f"key object {name} has out-of-range KDF parameters")
     assert isinstance(iterations, int) and isinstance(lanes, int) and isinstance(memory, int)
+    if memory < 8 * lanes:
+        raise IntegrityError(f"key object {name} has less KDF memory than its lanes need")
     return KdfParams(salt=salt, iterations=iterations, lanes=lanes, memory_kib=memory)
 
 
@@ -138,15 +164,23 @@ def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
     # Derive once per distinct KDF setting: key objects made by one `cas` share them.
     derived: dict[KdfParams, bytes] = {}
     for name in names:
-        body = _read_key_object(backend, name)
-        params = _kdf_of(body, name)
+        # A damaged or foreign key object must not lock out the holders of the others.
+        try:
+            body = _read_key_object(backend, name)
+            params = _kdf_of(body, name)
+            sealed = body.get("sealed")
+            if not isinstance(sealed, bytes):
+                raise IntegrityError(f"key object {name} has no sealed key material")
+        except (IntegrityError, UnsupportedFormatError, NotFoundError) as exc:
+            log.warning("skipping key object %s: %s", name, exc)
+            continue
         if params not in derived:
             derived[params] = params.derive(password)
-        sealed = body.get("sealed")
-        if not isinstance(sealed, bytes):
-            raise IntegrityError(f"key object {name} has no sealed key material")
+        public = _public_fields(
+            params, body.get("created"), body.get("host"), body.get("user"), body.get("write_only")
+        )
         try:
-            plain = open_sealed(derived[params], sealed, _AD_PREFIX + name.encode(), name)
+            plain = open_sealed(derived[params], sealed, _associated_data(name, public), name)
         except IntegrityError:
             continue
         material = unpack_msgpack(plain, f"key material of {name}", MAX_KEY_OBJECT_SIZE)

@@ -28,7 +28,7 @@ from cas.backend import Backend
 from cas.crypto import MasterKeys
 from cas.errors import CasError, IntegrityError, LockedError, NotFoundError
 from cas.keys import local_user
-from cas.objects import ObjectKind, decode_object, encode_object
+from cas.objects import ObjectKind, encode_object, read_object
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def read_locks(backend: Backend, keys: MasterKeys) -> list[LockInfo]:
     locks = []
     for info in backend.list(LOCK_PREFIX):
         try:
-            body = decode_object(keys, ObjectKind.LOCK, info.name, backend.get(info.name))
+            body = read_object(backend, keys, ObjectKind.LOCK, info.name)
             locks.append(_lock_from_body(info.name, body))
         except NotFoundError:
             continue
@@ -93,17 +93,20 @@ def read_locks(backend: Backend, keys: MasterKeys) -> list[LockInfo]:
 
 
 def _lock_from_body(name: str, body: Any) -> LockInfo:
-    if not isinstance(body, dict):
-        raise IntegrityError(f"lock {name} is malformed")
+    if not isinstance(body, dict) or body.get("v") != 1:
+        raise IntegrityError(f"lock {name} is malformed or of an unknown version")
+    pid, refreshed = body.get("pid", 0), body.get("refreshed", 0.0)
+    if not isinstance(pid, int) or not isinstance(refreshed, (int, float)):
+        raise IntegrityError(f"lock {name} has a malformed pid or refresh time")
     return LockInfo(
         name=name,
         exclusive=bool(body.get("exclusive")),
         host=str(body.get("host", "")),
-        pid=int(body.get("pid", 0)),
+        pid=pid,
         user=str(body.get("user", "")),
         operation=str(body.get("operation", "")),
         started=str(body.get("started", "")),
-        refreshed=float(body.get("refreshed", 0.0)),
+        refreshed=float(refreshed),
     )
 
 
@@ -180,8 +183,9 @@ class RepositoryLock:
             if time.monotonic() + delay > deadline:
                 holders = "; ".join(lock.describe() for lock in conflicts)
                 raise LockedError(
-                    f"repository {self.backend.url} is locked: {holders}. Wait with --wait "
-                    f"DURATION, or run `cas unlock` if that process is gone"
+                    f"repository {self.backend.url} is locked: {holders}. Try again when that "
+                    f"operation ends; a lock whose process is gone is removed automatically "
+                    f"after {STALE_AFTER:.0f} s without refresh"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any
 
+from cas.backend import Backend
 from cas.crypto import MasterKeys, open_sealed, pack_msgpack, seal, unpack_msgpack
 from cas.errors import IntegrityError, UnsupportedFormatError, WriteOnlyKeyError
 
@@ -64,22 +65,28 @@ def _secret(keys: MasterKeys, key_kind: KeyKind) -> bytes:
     return keys.data_key
 
 
-def encode_object(keys: MasterKeys, kind: ObjectKind, name: str, body: Any) -> bytes:
-    """Serialize ``body`` and seal it as an object of ``kind`` stored under ``name``."""
+def seal_object(keys: MasterKeys, kind: ObjectKind, name: str, plaintext: bytes) -> bytes:
+    """Seal an already serialized body as an object of ``kind`` stored under ``name``."""
     key_kind = _KEY_OF_KIND[kind]
     header = OBJECT_MAGIC + bytes([OBJECT_VERSION, kind, key_kind, 0])
-    sealed = seal(_secret(keys, key_kind), pack_msgpack(body), header + name.encode())
-    return header + sealed
+    return header + seal(_secret(keys, key_kind), plaintext, header + name.encode())
 
 
-def decode_object(keys: MasterKeys, kind: ObjectKind, name: str, data: bytes) -> Any:
-    """Check the header, authenticate, then parse; raise `IntegrityError` on any mismatch."""
+def encode_object(keys: MasterKeys, kind: ObjectKind, name: str, body: Any) -> bytes:
+    """Serialize ``body`` and seal it as an object of ``kind`` stored under ``name``."""
+    return seal_object(keys, kind, name, pack_msgpack(body))
+
+
+def open_object(keys: MasterKeys, kind: ObjectKind, name: str, data: bytes) -> bytes:
+    """Check the header and authenticate; return the plaintext body bytes."""
     if len(data) > MAX_OBJECT_SIZE:
         raise IntegrityError(f"object {name} is {len(data)} bytes, over {MAX_OBJECT_SIZE}")
     header = data[:HEADER_SIZE]
     if len(header) != HEADER_SIZE or header[:4] != OBJECT_MAGIC:
         raise IntegrityError(f"object {name} does not start with the object magic")
     if header[4] != OBJECT_VERSION:
+        # The version byte is read before authentication so that a newer object
+        # gets a clear message; a forged byte here can only cause this refusal.
         raise UnsupportedFormatError(
             f"object {name} has format version {header[4]}; this cas reads version "
             f"{OBJECT_VERSION}: upgrade cas"
@@ -89,7 +96,17 @@ def decode_object(keys: MasterKeys, kind: ObjectKind, name: str, data: bytes) ->
     expected_key = _KEY_OF_KIND[kind]
     if header[6] != expected_key:
         raise IntegrityError(f"object {name} is sealed with key {header[6]}")
-    plain = open_sealed(
+    return open_sealed(
         _secret(keys, expected_key), data[HEADER_SIZE:], header + name.encode(), f"object {name}"
     )
+
+
+def decode_object(keys: MasterKeys, kind: ObjectKind, name: str, data: bytes) -> Any:
+    """Authenticate, then parse; raise `IntegrityError` on any mismatch."""
+    plain = open_object(keys, kind, name, data)
     return unpack_msgpack(plain, f"object {name}", MAX_OBJECT_SIZE)
+
+
+def read_object(backend: Backend, keys: MasterKeys, kind: ObjectKind, name: str) -> Any:
+    """Fetch an object, bounded in size before it is read, then authenticate and parse it."""
+    return decode_object(keys, kind, name, backend.get_bounded(name, MAX_OBJECT_SIZE))

@@ -293,6 +293,9 @@ def parse_entry(item: object, number: int, blob_area_end: int, name: str) -> Pac
         raise IntegrityError(f"header entry {number} of pack {name} lies outside the pack")
     if raw_size > MAX_BLOB_RAW_SIZE:
         raise IntegrityError(f"header entry {number} of pack {name} claims {raw_size} raw bytes")
+    # A blob is stored raw or compressed only when that shrinks it, plus the tag.
+    if stored_size > raw_size + TAG_SIZE:
+        raise IntegrityError(f"header entry {number} of pack {name} is larger than its blob")
     return PackEntry(
         blob_id, BlobType(blob_type), Codec(codec), filt, offset, stored_size, raw_size
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 from cas.backend import Backend, open_backend
 from cas.chunker import DEFAULT_PARAMS, ChunkerParams
-from cas.crypto import KdfParams, MasterKeys
+from cas.crypto import KdfParams, MasterKeys, pack_msgpack, unpack_msgpack
 from cas.errors import (
     AlreadyExistsError,
     AmbiguousNameError,
@@ -36,8 +36,15 @@ from cas.errors import (
 )
 from cas.index import Index, IndexCache, pack_name
 from cas.keys import unlock, write_key
-from cas.objects import ObjectKind, decode_object, encode_object
-from cas.pack import MAX_BLOB_RAW_SIZE, PROLOGUE_SIZE, BlobOpener
+from cas.objects import (
+    MAX_OBJECT_SIZE,
+    ObjectKind,
+    encode_object,
+    open_object,
+    read_object,
+    seal_object,
+)
+from cas.pack import MAX_BLOB_RAW_SIZE, PROLOGUE_SIZE, BlobOpener, parse_prologue
 from cas.snapshot import SNAPSHOT_PREFIX, Snapshot, is_hex_prefix, snapshot_from_body
 from cas.tree import Node, decode_tree
 
@@ -154,9 +161,11 @@ class Repository:
             pack_size=pack_size,
             created=datetime.now().astimezone().isoformat(),
         )
-        write_key(backend, keys, password, kdf)
+        # Config first: an init interrupted before the key leaves a config that
+        # `open` reports as a repository without keys, and `init` refuses to reuse.
         data = encode_object(keys, ObjectKind.CONFIG, CONFIG_NAME, config.to_body())
         backend.put(CONFIG_NAME, data)
+        write_key(backend, keys, password, kdf)
         log.info("created repository %s", backend.url)
         return cls(backend, keys, config, cache_dir or default_cache_dir())
 
@@ -170,7 +179,7 @@ class Repository:
                 f"or check the -r/--repo value"
             )
         keys, _key_name = unlock(backend, password)
-        body = decode_object(keys, ObjectKind.CONFIG, CONFIG_NAME, backend.get(CONFIG_NAME))
+        body = read_object(backend, keys, ObjectKind.CONFIG, CONFIG_NAME)
         config = RepoConfig.from_body(body)
         return cls(backend, keys, config, cache_dir or default_cache_dir())
 
@@ -208,16 +217,28 @@ class Repository:
     def load_snapshot(self, snapshot_hex: str) -> Snapshot:
         """Read, authenticate and validate one snapshot by full hex id."""
         name = SNAPSHOT_PREFIX + snapshot_hex
-        body = decode_object(self.keys, ObjectKind.SNAPSHOT, name, self.backend.get(name))
-        snapshot_id = bytes.fromhex(snapshot_hex)
-        snapshot = snapshot_from_body(snapshot_id, body, name)
-        if self.keys.blob_id(encode_object_body(snapshot)) != snapshot_id:
+        data = self.backend.get_bounded(name, MAX_OBJECT_SIZE)
+        plain = open_object(self.keys, ObjectKind.SNAPSHOT, name, data)
+        # The id is the keyed hash of the body bytes as stored, so fields that a
+        # later version adds do not change how older snapshots verify.
+        if self.keys.blob_id(plain).hex() != snapshot_hex:
             raise IntegrityError(f"snapshot {snapshot_hex} does not match its id")
-        return snapshot
+        body = unpack_msgpack(plain, f"snapshot {snapshot_hex}", MAX_OBJECT_SIZE)
+        return snapshot_from_body(bytes.fromhex(snapshot_hex), body, name)
 
     def list_snapshots(self) -> list[Snapshot]:
-        """Return every snapshot, oldest first."""
-        snapshots = [self.load_snapshot(name) for name in self.snapshot_names()]
+        """Return every readable snapshot, oldest first.
+
+        A snapshot that fails to load is logged and left out, so one damaged
+        object does not stop `cas log` or the parent search; `cas check`
+        reports it.
+        """
+        snapshots = []
+        for name in self.snapshot_names():
+            try:
+                snapshots.append(self.load_snapshot(name))
+            except (IntegrityError, UnsupportedFormatError, NotFoundError) as exc:
+                log.warning("skipping snapshot %s: %s", name, exc)
         return sorted(snapshots, key=lambda snap: (snap.datetime, snap.snapshot_hex))
 
     def resolve_snapshot(self, name: str) -> Snapshot:
@@ -246,11 +267,11 @@ class Repository:
 
     def write_snapshot(self, snapshot: Snapshot) -> tuple[Snapshot, int]:
         """Store a snapshot object; return it with its id set, and the bytes written."""
-        body_bytes = encode_object_body(snapshot)
+        body_bytes = pack_msgpack(snapshot.to_body())
         snapshot_id = self.keys.blob_id(body_bytes)
         stored = Snapshot(**{**snapshot.__dict__, "snapshot_id": snapshot_id})
         name = SNAPSHOT_PREFIX + snapshot_id.hex()
-        data = encode_object(self.keys, ObjectKind.SNAPSHOT, name, stored.to_body())
+        data = seal_object(self.keys, ObjectKind.SNAPSHOT, name, body_bytes)
         self.backend.put(name, data)
         return stored, len(data)
 
@@ -264,9 +285,9 @@ class Repository:
         if location.raw_size > MAX_BLOB_RAW_SIZE or location.offset < PROLOGUE_SIZE:
             raise IntegrityError(f"index entry of blob {blob_id.hex()} is out of bounds")
         name = pack_name(location.pack_id)
-        prologue = self.backend.get(name, 0, PROLOGUE_SIZE)
+        key_mode, salt = parse_prologue(self.backend.get(name, 0, PROLOGUE_SIZE), name)
         stored = self.backend.get(name, location.offset, location.stored_size)
-        opener = BlobOpener(self.keys, location.pack_id, prologue[5], prologue[8:40])
+        opener = BlobOpener(self.keys, location.pack_id, key_mode, salt)
         plain = opener.open(
             blob_id,
             location.blob_type,
@@ -289,10 +310,3 @@ class Repository:
         if len(self._trees) > 256:
             self._trees.popitem(last=False)
         return nodes
-
-
-def encode_object_body(snapshot: Snapshot) -> bytes:
-    """Return the msgpack body whose keyed hash is the snapshot id."""
-    from cas.crypto import pack_msgpack
-
-    return pack_msgpack(snapshot.to_body())

@@ -19,7 +19,6 @@ already exists in the target can make the restorer write outside the target.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -143,6 +142,9 @@ class Restorer:
         self.target = os.path.abspath(target)
         self.options = options or CheckoutOptions()
         self.threads = effective_threads(self.options.threads)
+        # Each worker holds one pack span and one plaintext buffer; fit them in the bound.
+        per_worker = repo.config.pack_size + repo.config.chunker.max_size + (2 << 20)
+        self.workers = max(1, min(self.threads, self.options.memory_limit // per_worker))
         self.progress_callback = progress
         self.progress = CheckoutProgress()
         self._lock = threading.Lock()
@@ -259,11 +261,11 @@ class Restorer:
                 continue
             by_pack[location.pack_id].append((chunk_id, location))
         packs = sorted(by_pack.items(), key=lambda item: min(loc.offset for _, loc in item[1]))
-        if self.threads == 1:
+        if self.workers == 1:
             for pack_id, blobs in packs:
                 self._restore_pack(plan, pack_id, blobs)
             return
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="cas-restore") as pool:
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cas-restore") as pool:
             for future in [
                 pool.submit(self._restore_pack, plan, pid, blobs) for pid, blobs in packs
             ]:
@@ -378,7 +380,7 @@ class Restorer:
         fd = self._open_file(job, os.O_RDWR)
         try:
             os.ftruncate(fd, job.node.size)
-            if not job.error and _digest_fd(fd, job.node.size) != job.node.digest:
+            if not job.error and _digest_fd(fd, job.node.size, self.threads) != job.node.digest:
                 job.error = "content does not match the digest recorded in the snapshot"
             _apply_metadata(fd, job.node)
         finally:
@@ -402,7 +404,7 @@ _DIGEST_BLOCK = 8 << 20
 _digest_buffers = threading.local()
 
 
-def _digest_fd(fd: int, size: int) -> bytes:
+def _digest_fd(fd: int, size: int, threads: int) -> bytes:
     """Return the BLAKE3 of a file's first ``size`` bytes, read through a reused buffer.
 
     Reading into one buffer per thread, rather than mapping the file, keeps the
@@ -412,7 +414,7 @@ def _digest_fd(fd: int, size: int) -> bytes:
     if buffer is None:
         buffer = _digest_buffers.buffer = bytearray(_DIGEST_BLOCK)
     view = memoryview(buffer)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher = blake3.blake3(max_threads=threads)
     offset = 0
     while offset < size:
         count = os.preadv(fd, [view[: min(_DIGEST_BLOCK, size - offset)]], offset)
@@ -447,5 +449,8 @@ def _remove_existing(name: bytes, dir_fd: int) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.EISDIR, "a folder is in the way", os.fsdecode(name))
+        raise UsageError(
+            f"a folder named {os.fsdecode(name)!r} is in the way of a file in the checkout "
+            f"target; remove it or check out into an empty folder"
+        )
     os.unlink(name, dir_fd=dir_fd)

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from cas.crypto import ID_SIZE
-from cas.errors import IntegrityError
+from cas.errors import IntegrityError, UnsupportedFormatError
 
 SNAPSHOT_PREFIX = "snapshots/"
 SNAPSHOT_VERSION = 1
@@ -78,8 +78,10 @@ class Snapshot:
 
 def snapshot_from_body(snapshot_id: bytes, body: Any, name: str) -> Snapshot:
     """Validate a decoded snapshot body and return the snapshot."""
-    if not isinstance(body, dict) or body.get("v") != SNAPSHOT_VERSION:
-        raise IntegrityError(f"snapshot {name} has an unknown layout")
+    if not isinstance(body, dict):
+        raise IntegrityError(f"snapshot {name} is not a map")
+    if body.get("v") != SNAPSHOT_VERSION:
+        raise UnsupportedFormatError(f"snapshot {name} has layout version {body.get('v')!r}")
     try:
         time = _typed(body, "time", str, name)
         datetime.fromisoformat(time)

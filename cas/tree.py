@@ -28,11 +28,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cas.crypto import ID_SIZE, pack_msgpack, unpack_msgpack
-from cas.errors import IntegrityError
+from cas.errors import IntegrityError, UnsupportedFormatError
 
 TREE_VERSION = 1
 NODE_TYPES = frozenset({"file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"})
 MAX_TREE_SIZE = 64 << 20
+# The chunker's largest maximum chunk size.
+MAX_CHUNK_SIZE = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def node_from_map(raw: Any) -> Node:
 
 def _read_sizes(sizes: Any, name: bytes) -> tuple[int, ...]:
     if not isinstance(sizes, list) or not all(
-        isinstance(size, int) and 0 < size <= MAX_TREE_SIZE for size in sizes
+        isinstance(size, int) and 0 < size <= MAX_CHUNK_SIZE for size in sizes
     ):
         raise IntegrityError(f"tree node {name!r} has bad chunk sizes")
     return tuple(sizes)
@@ -176,8 +178,10 @@ def encode_tree(nodes: list[Node]) -> bytes:
 def decode_tree(data: bytes, what: str) -> list[Node]:
     """Parse and validate a tree blob's plaintext."""
     body = unpack_msgpack(data, what, MAX_TREE_SIZE)
-    if not isinstance(body, dict) or body.get("v") != TREE_VERSION:
-        raise IntegrityError(f"{what} has an unknown tree layout")
+    if not isinstance(body, dict):
+        raise IntegrityError(f"{what} is not a map")
+    if body.get("v") != TREE_VERSION:
+        raise UnsupportedFormatError(f"{what} has tree layout version {body.get('v')!r}")
     raw_nodes = body.get("nodes")
     if not isinstance(raw_nodes, list):
         raise IntegrityError(f"{what} has no node list")

@@ -32,7 +32,8 @@ def register(
     parser.add_argument(
         "--parent",
         default=None,
-        help="snapshot to compare unchanged files against (default: the latest of the same paths and host)",
+        help="snapshot whose unchanged files are reused without reading "
+        "(default: the latest of the same paths and host)",
     )
     parser.add_argument("--host", default="", help="host name to record (default: this machine's)")
     parser.add_argument(

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cas.errors import NotFoundError, UsageError
+from cas.errors import IntegrityError, NotFoundError, UsageError
 
 # Object names: lowercase ASCII words and hex, separated by "/". The rules keep
 # names portable to every file system and object store, and keep a crafted name
@@ -66,6 +66,13 @@ class Backend(ABC):
     @abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes of the object from ``offset`` (all when None)."""
+
+    def get_bounded(self, name: str, limit: int) -> bytes:
+        """Return a whole object, raising `IntegrityError` before reading it if over ``limit``."""
+        size = self.size(name)
+        if size > limit:
+            raise IntegrityError(f"object {name} is {size} bytes, over the limit of {limit}")
+        return self.get(name, 0, size)
 
     def read_into(self, name: str, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the object's bytes from ``offset``; a short read raises."""

@@ -56,8 +56,16 @@ class LocalBackend(Backend):
             if key in self._made_dirs:
                 return
         if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(folder.parent)
+            # Create one level at a time and fsync each parent, so every new
+            # folder entry down from the repository root survives a power loss.
+            missing = []
+            probe = folder
+            while not probe.is_dir():
+                missing.append(probe)
+                probe = probe.parent
+            for created in reversed(missing):
+                created.mkdir(exist_ok=True)
+                _fsync_dir(created.parent)
         with self._lock:
             self._made_dirs.add(key)
 

@@ -1,0 +1,1 @@
+"""Throughput benchmarks of cas: corpus generator, end-to-end runner and inner-loop tests."""

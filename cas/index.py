@@ -135,8 +135,18 @@ class IndexCache:
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        try:
+            self._open()
+        except lmdb.Error as exc:
+            # The cache holds nothing that the repository lacks: start it afresh.
+            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
+            for name in ("data.mdb", "lock.mdb"):
+                (path / name).unlink(missing_ok=True)
+            self._open()
+
+    def _open(self) -> None:
         self._env = lmdb.open(
-            str(path), map_size=_MAP_SIZE, max_dbs=4, subdir=True, metasync=False, sync=False
+            str(self.path), map_size=_MAP_SIZE, max_dbs=4, subdir=True, metasync=False, sync=False
         )
         self._blobs = self._env.open_db(b"blobs")
         self._indexes = self._env.open_db(b"indexes")

@@ -163,6 +163,7 @@ def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
         raise NotFoundError(f"repository {backend.url} has no key objects")
     # Derive once per distinct KDF setting: key objects made by one `cas` share them.
     derived: dict[KdfParams, bytes] = {}
+    damaged: list[str] = []
     for name in names:
         # A damaged or foreign key object must not lock out the holders of the others.
         try:
@@ -173,6 +174,7 @@ def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
                 raise IntegrityError(f"key object {name} has no sealed key material")
         except (IntegrityError, UnsupportedFormatError, NotFoundError) as exc:
             log.warning("skipping key object %s: %s", name, exc)
+            damaged.append(name)
             continue
         if params not in derived:
             derived[params] = params.derive(password)
@@ -185,6 +187,12 @@ def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
             continue
         material = unpack_msgpack(plain, f"key material of {name}", MAX_KEY_OBJECT_SIZE)
         return MasterKeys.from_dict(material), name
+    if len(damaged) == len(names):
+        raise IntegrityError(
+            f"every key object of {backend.url} is damaged or unreadable "
+            f"({', '.join(damaged)}); restore keys/ from a copy or use an exported key"
+        )
     raise WrongPasswordError(
-        f"wrong password: none of the {len(names)} keys of {backend.url} opens with it"
+        f"wrong password: none of the {len(names) - len(damaged)} readable keys of "
+        f"{backend.url} opens with it"
     )

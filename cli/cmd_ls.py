@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -29,15 +30,17 @@ def find_node(repo: Repository, root_id: bytes, path: str) -> tuple[str, Node | 
     """Return (normalized path, node or None for the root, tree id to list)."""
     parts = [part for part in path.strip("/").split("/") if part]
     tree_id, node, shown = root_id, None, ""
-    for part in parts:
+    for number, part in enumerate(parts):
+        if node is not None and node.type != "dir":
+            raise NotFoundError(f"path {shown} is not a folder")
         nodes = {n.name: n for n in repo.load_tree(tree_id)}
-        node = nodes.get(part.encode(errors="surrogateescape"))
+        node = nodes.get(os.fsencode(part))
         shown += "/" + part
         if node is None:
             raise NotFoundError(f"path {shown} is not in the snapshot")
         if node.type == "dir":
             tree_id = node.subtree
-        elif part is not parts[-1]:
+        elif number < len(parts) - 1:
             raise NotFoundError(f"path {shown} is not a folder")
     return shown or "/", node, tree_id
 
@@ -49,6 +52,11 @@ def walk(repo: Repository, tree_id: bytes, prefix: str) -> Iterator[tuple[str, N
         yield path, node
         if node.type == "dir":
             yield from walk(repo, node.subtree, path)
+
+
+def printable(name: bytes) -> str:
+    """Return a name for a terminal: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return name.decode(errors="backslashreplace")
 
 
 def node_json(path: str, node: Node) -> dict[str, object]:
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print_json([node_json(path, entry) for path, entry in entries])
         return 0
     for path, entry in entries:
-        suffix = " -> " + entry.target.decode(errors="replace") if entry.type == "symlink" else ""
-        print(f"{entry.type[:4]:4} {entry.mode:04o} {entry.size:>14}  {path}{suffix}")
+        suffix = " -> " + printable(entry.target) if entry.type == "symlink" else ""
+        shown_path = printable(os.fsencode(path))
+        print(f"{entry.type[:4]:4} {entry.mode:04o} {entry.size:>14}  {shown_path}{suffix}")
     return 0

@@ -30,6 +30,13 @@ def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "-r", "--repo", default=default(None), help="repository path or URL (or CAS_REPOSITORY)"
     )
     group.add_argument(
+        "--s3-endpoint",
+        default=default(None),
+        metavar="URL",
+        help="endpoint URL of an S3-compatible server for s3:// repositories "
+        "(or AWS_ENDPOINT_URL_S3)",
+    )
+    group.add_argument(
         "--password-file",
         default=default(None),
         help="read the password from this file (or CAS_PASSWORD_FILE)",
@@ -63,10 +70,17 @@ def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def repo_url(args: argparse.Namespace) -> str:
-    """Return the repository URL from -r/--repo or CAS_REPOSITORY."""
+    """Return the repository URL from -r/--repo or CAS_REPOSITORY.
+
+    Every command finds its repository through this function, so it also applies
+    --s3-endpoint: it sets ``AWS_ENDPOINT_URL_S3`` in this process, where the S3 backend
+    reads it.
+    """
     url = args.repo or os.environ.get("CAS_REPOSITORY", "")
     if not url:
         raise UsageError("no repository given: pass -r/--repo PATH or set CAS_REPOSITORY")
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
     return str(url)
 
 

@@ -9,6 +9,7 @@ interchangeable.
 
 from __future__ import annotations
 
+import mmap
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -77,6 +78,17 @@ class Backend(ABC):
     def read_into(self, name: str, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the object's bytes from ``offset``; a short read raises."""
         view[:] = self.get(name, offset, len(view))
+
+    def read_span(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        """Read ``length`` bytes from ``offset`` into ``buffer``; return a view of them.
+
+        ``buffer`` is page-aligned and at least ``length + 8192`` bytes, so a
+        backend may read a larger aligned range (the local backend does, to
+        use O_DIRECT) and return the requested part of it.
+        """
+        view = memoryview(buffer)[:length]
+        self.read_into(name, offset, view)
+        return view
 
     @abstractmethod
     def size(self, name: str) -> int:

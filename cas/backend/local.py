@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,12 +131,53 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    def size(self, name: str) -> int:
-        """Return the object's size in bytes."""
+    def read_span(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        """Read a byte range with O_DIRECT into an aligned buffer where the file system allows.
+
+        Packs are written with O_DIRECT and so are not in the page cache; a
+        buffered read would allocate a page-cache page for every byte (about
+        0.6 s of kernel CPU per GiB on the machines measured, against 0.05 s
+        for a direct read). The aligned range read may start up to 4095 bytes
+        before ``offset``; the returned view covers exactly the requested bytes.
+        """
+        start = offset - offset % _DIRECT_ALIGNMENT
+        end = -(-(offset + length) // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+        view = memoryview(buffer)
+        if not hasattr(os, "O_DIRECT") or end - start > len(view) or length < _DIRECT_MIN_SIZE:
+            return super().read_span(name, offset, length, buffer)
         try:
-            return self._path(name).stat().st_size
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return super().read_span(name, offset, length, buffer)
+            raise _translate(exc, name) from exc
+        try:
+            done = 0
+            while start + done < offset + length:
+                count = os.preadv(fd, [view[done : end - start]], start + done)
+                if count == 0:
+                    raise BackendError(
+                        f"short read of {name}: wanted {length} bytes at offset {offset}, "
+                        f"the object ends at {start + done}"
+                    )
+                done += count
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return super().read_span(name, offset, length, buffer)
+            raise _translate(exc, name) from exc
+        finally:
+            os.close(fd)
+        return view[offset - start : offset - start + length]
+
+    def size(self, name: str) -> int:
+        """Return the object's size in bytes; a folder of that name is not an object."""
+        try:
+            st = self._path(name).stat()
         except OSError as exc:
             raise _translate(exc, name) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFoundError(f"object {name} not found")
+        return st.st_size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Yield objects below the folder part of ``prefix`` whose names start with it."""

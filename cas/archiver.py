@@ -18,16 +18,19 @@ parent snapshot) reuses the parent's chunk list without being read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
 import logging
 import os
 import queue
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import blake3
@@ -44,6 +47,7 @@ from cas.tree import Node, encode_tree
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16 << 20
+_RECURSION_LIMIT = 10_000
 DEFAULT_MEMORY_LIMIT = 256 << 20
 # A file whose size or mtime changes while it is read is read again this many times.
 _REREADS = 2
@@ -89,6 +93,23 @@ class SnapshotResult:
 
 class FileChangedError(CasError):
     """A file changed while it was read."""
+
+
+@contextlib.contextmanager
+def deep_recursion() -> Iterator[None]:
+    """Allow Python recursion as deep as the deepest folder a path can name.
+
+    Folders are walked recursively, three frames per level. PATH_MAX (4096
+    bytes on Linux) allows at most 2048 levels, so 8192 frames plus the
+    caller's suffice. Since Python 3.11, calls between Python functions do not
+    grow the C stack, so the higher limit is safe.
+    """
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, _RECURSION_LIMIT))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 def effective_threads(threads: int) -> int:
@@ -206,6 +227,8 @@ class Archiver:
         self.dirs = 0
         self.unchanged_files = 0
         self._last_progress = 0.0
+        # (device, inode) -> node of a file with several hard links, read once.
+        self._hardlinks: dict[tuple[int, int], Node] = {}
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -221,6 +244,10 @@ class Archiver:
 
     def run(self, paths: list[str]) -> SnapshotResult:
         """Snapshot ``paths`` under a shared lock; return what was stored."""
+        with deep_recursion():
+            return self._run(paths)
+
+    def _run(self, paths: list[str]) -> SnapshotResult:
         if not paths:
             raise UsageError("no path given: name at least one file or folder to snapshot")
         started = time.monotonic()
@@ -233,6 +260,9 @@ class Archiver:
         with RepositoryLock(
             self.repo.backend, self.repo.keys, exclusive=False, operation="snapshot"
         ):
+            # A gc that finished before this lock may have removed packs the
+            # cache still lists: sync now, so no chunk is deduplicated against them.
+            self.repo.index.sync()
             writer = BlobWriter(self.repo, self.threads > 1)
             try:
                 root_id = self._store_roots(sources, parent, writer)
@@ -340,6 +370,15 @@ class Archiver:
         except OSError as exc:
             self._warn(f"cannot stat {path}: {exc.strerror}; skipped")
             return None
+        node = self._store_stat(path, name, st, parent, writer)
+        if node is None or node.type == "symlink":
+            return node
+        xattrs = self._read_xattrs(path)
+        return replace(node, xattrs=xattrs) if xattrs else node
+
+    def _store_stat(
+        self, path: str, name: bytes, st: os.stat_result, parent: Node | None, writer: BlobWriter
+    ) -> Node | None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             return self._store_dir(
@@ -354,6 +393,22 @@ class Archiver:
             self._warn(f"{path} has an unknown file type; skipped")
             return None
         return _meta_node(name, kind, st, rdev=st.st_rdev if kind.endswith("dev") else 0)
+
+    def _read_xattrs(self, path: str) -> dict[bytes, bytes]:
+        """Return a path's extended attributes; none where the file system has no support."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.ENOENT):
+                self._warn(f"cannot list extended attributes of {path}: {exc.strerror}")
+            return {}
+        xattrs: dict[bytes, bytes] = {}
+        for key in names:
+            try:
+                xattrs[os.fsencode(key)] = os.getxattr(path, key, follow_symlinks=False)
+            except OSError as exc:
+                self._warn(f"cannot read extended attribute {key} of {path}: {exc.strerror}")
+        return xattrs
 
     def _store_dir(
         self,
@@ -393,6 +448,19 @@ class Archiver:
             return _meta_node(
                 name, "file", st, chunks=parent.chunks, sizes=parent.sizes, digest=parent.digest
             )
+        # A second path of a hard-linked file reuses the first path's chunks.
+        linked = self._hardlinks.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+        if linked is not None and _unchanged(linked, st):
+            return _meta_node(
+                name, "file", st, chunks=linked.chunks, sizes=linked.sizes, digest=linked.digest
+            )
+        node = self._read_with_retries(path, name, writer)
+        if node is not None and st.st_nlink > 1:
+            self._hardlinks[(st.st_dev, st.st_ino)] = node
+        return node
+
+    def _read_with_retries(self, path: str, name: bytes, writer: BlobWriter) -> Node | None:
+        """Read a file, again up to `_REREADS` times while it changes under the reader."""
         for attempt in range(_REREADS + 1):
             try:
                 return self._read_file(path, name, writer)
@@ -406,9 +474,13 @@ class Archiver:
         return None
 
     def _read_file(self, path: str, name: bytes, writer: BlobWriter) -> Node:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a file replaced by a FIFO after the lstat must not block
+        # the open; the type check below then skips it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise OSError(errno.EINVAL, "no longer a regular file")
             chunks, sizes, digest, size = self._chunk_file(fd, writer)
             after = os.fstat(fd)
         finally:

@@ -20,6 +20,7 @@ already exists in the target can make the restorer write outside the target.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -34,6 +35,7 @@ import blake3
 from cas.crypto import TAG_SIZE
 from cas.errors import CasError, IntegrityError, UsageError
 from cas.index import BlobLocation, pack_name
+from cas.locks import RepositoryLock
 from cas.pack import PROLOGUE_SIZE, BlobOpener, parse_prologue
 from cas.repository import Repository
 from cas.snapshot import Snapshot
@@ -53,6 +55,7 @@ class CheckoutOptions:
     overwrite: bool = False
     threads: int = 0
     memory_limit: int = 256 << 20
+    wait: float = 0.0
 
 
 @dataclass
@@ -97,6 +100,12 @@ class _Plan:
     # chunk id -> [(file number, offset in file)]
     targets: dict[bytes, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     sizes: dict[bytes, int] = field(default_factory=dict)
+    # Folders whose tree could not be read: (path below the target, reason).
+    lost: list[tuple[tuple[bytes, ...], str]] = field(default_factory=list)
+    # (device, inode) at snapshot time -> number of the first file restored for it.
+    link_sources: dict[tuple[int, int], int] = field(default_factory=dict)
+    # (path of a later hard link, number of the file it links to)
+    links: list[tuple[tuple[bytes, ...], int]] = field(default_factory=list)
 
 
 class _SafeTree:
@@ -155,17 +164,37 @@ class Restorer:
         """Restore the snapshot; files that fail are listed in the result, not raised."""
         started = time.monotonic()
         self._prepare_target()
+        # A shared lock keeps gc from deleting packs while they are read; the
+        # index is synced under it, so it names no pack a finished gc removed.
+        with RepositoryLock(
+            self.repo.backend,
+            self.repo.keys,
+            exclusive=False,
+            operation="checkout",
+            wait=self.options.wait,
+        ):
+            self.repo.index.sync()
+            plan = self._restore()
+        return self._result(plan, started)
+
+    def _restore(self) -> _Plan:
         self.safe = _SafeTree(self.target)
         try:
             plan = _Plan()
-            self._plan_dir(self.snapshot.tree_id, (), plan)
+            self._plan_trees(plan)
             self.progress.bytes_total = sum(job.node.size for job in plan.files)
             self._write_content(plan)
             self._finish_files(plan)
+            self._make_links(plan)
             self._finish_dirs(plan)
         finally:
             self.safe.close()
-        failed = tuple((self.safe.display(job.rel), job.error) for job in plan.files if job.error)
+        return plan
+
+    def _result(self, plan: _Plan, started: float) -> CheckoutResult:
+        failed = tuple((self.safe.display(rel), reason) for rel, reason in plan.lost) + tuple(
+            (self.safe.display(job.rel), job.error) for job in plan.files if job.error
+        )
         return CheckoutResult(
             files=len(plan.files),
             dirs=len(plan.dirs),
@@ -183,25 +212,56 @@ class Restorer:
                 f"checkout target {self.target} is not empty; choose an empty or new folder, "
                 f"or pass --overwrite"
             )
-        os.makedirs(self.target, exist_ok=True)
+        try:
+            os.makedirs(self.target, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create checkout target {self.target}: {exc.strerror}"
+            ) from None
 
     # Phase 1: plan and create the skeleton
 
-    def _plan_dir(self, tree_id: bytes, rel: tuple[bytes, ...], plan: _Plan) -> None:
-        nodes = self.repo.load_tree(tree_id)
+    def _plan_trees(self, plan: _Plan) -> None:
+        """Plan every folder depth first, with a stack rather than recursion.
+
+        A stored tree can nest deeper than Python's recursion limit allows.
+        """
+        stack: list[tuple[bytes, tuple[bytes, ...]]] = [(self.snapshot.tree_id, ())]
+        while stack:
+            tree_id, rel = stack.pop()
+            children = self._plan_dir(tree_id, rel, plan)
+            stack.extend(reversed(children))
+
+    def _plan_dir(
+        self, tree_id: bytes, rel: tuple[bytes, ...], plan: _Plan
+    ) -> list[tuple[bytes, tuple[bytes, ...]]]:
+        """Create one folder's entries; return its sub-folders' (tree id, path)."""
+        # A tree that cannot be read loses its folder's content only; the
+        # folders beside it are still restored.
+        try:
+            nodes = self.repo.load_tree(tree_id)
+        except CasError as exc:
+            reason = f"folder content lost: tree {tree_id.hex()} is unreadable: {exc}"
+            log.error("%s: %s", self.safe.display(rel), reason)
+            plan.lost.append((rel, reason))
+            return []
         dir_fd = self.safe.open_dir(rel)
         try:
             for node in nodes:
                 self._plan_node(node, rel, dir_fd, plan)
         finally:
             os.close(dir_fd)
+        children = []
         for node in nodes:
             if node.type == "dir":
                 plan.dirs.append(_DirJob((*rel, node.name), node))
-                self._plan_dir(node.subtree, (*rel, node.name), plan)
+                children.append((node.subtree, (*rel, node.name)))
+        return children
 
     def _plan_node(self, node: Node, rel: tuple[bytes, ...], dir_fd: int, plan: _Plan) -> None:
         name = node.name
+        if node.damaged:
+            log.warning("%s is marked damaged: %s", self.safe.display((*rel, name)), node.damaged)
         if node.type == "dir":
             try:
                 os.mkdir(name, 0o700, dir_fd=dir_fd)
@@ -210,9 +270,12 @@ class Restorer:
         elif node.type == "symlink":
             _remove_existing(name, dir_fd)
             os.symlink(node.target, name, dir_fd=dir_fd)
+            _apply_entry_metadata(name, dir_fd, node)
             plan.symlinks += 1
         elif node.type == "file":
             _remove_existing(name, dir_fd)
+            if self._plan_link(node, (*rel, name), plan):
+                return
             fd = os.open(
                 name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
             )
@@ -227,6 +290,25 @@ class Restorer:
         else:
             self._make_special(node, dir_fd, rel)
 
+    def _plan_link(self, node: Node, rel: tuple[bytes, ...], plan: _Plan) -> bool:
+        """Return whether ``node`` is a later path of a hard-linked file already planned.
+
+        Paths that shared an inode at snapshot time and still have the same
+        content become hard links to the first restored path.
+        """
+        if node.nlink < 2 or not node.inode:
+            return False
+        key = (node.device, node.inode)
+        first = plan.link_sources.get(key)
+        if first is None:
+            plan.link_sources[key] = len(plan.files)
+            return False
+        source = plan.files[first].node
+        if (source.size, source.digest) != (node.size, node.digest):
+            return False
+        plan.links.append((rel, first))
+        return True
+
     def _make_special(self, node: Node, dir_fd: int, rel: tuple[bytes, ...]) -> None:
         _remove_existing(node.name, dir_fd)
         kinds = {"fifo": stat.S_IFIFO, "chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK}
@@ -239,6 +321,10 @@ class Restorer:
             os.mknod(node.name, kinds[node.type] | node.mode, node.rdev, dir_fd=dir_fd)
         except PermissionError:
             log.warning("no permission to create device %s", self.safe.display((*rel, node.name)))
+            return
+        # mknod applies the umask; the entry was just created, so chmod follows no symlink.
+        os.chmod(node.name, node.mode, dir_fd=dir_fd)
+        _apply_entry_metadata(node.name, dir_fd, node)
 
     # Phase 2: content
 
@@ -271,11 +357,12 @@ class Restorer:
             ]:
                 future.result()
 
-    def _buffers(self) -> tuple[bytearray, bytearray]:
+    def _buffers(self) -> tuple[mmap.mmap, bytearray]:
         """Return this thread's reused span and plaintext buffers."""
-        buffers: tuple[bytearray, bytearray] | None = getattr(self._local, "buffers", None)
+        buffers: tuple[mmap.mmap, bytearray] | None = getattr(self._local, "buffers", None)
         if buffers is None:
-            span = bytearray(self.repo.config.pack_size + (1 << 20))
+            # Page-aligned, with room for the alignment a direct read adds.
+            span = mmap.mmap(-1, self.repo.config.pack_size + (1 << 20) + 8192)
             plain = bytearray(self.repo.config.chunker.max_size + TAG_SIZE)
             buffers = self._local.buffers = (span, plain)
         return buffers
@@ -293,9 +380,14 @@ class Restorer:
             end = max(loc.offset + loc.stored_size for _, loc in blobs)
             needed = sum(loc.stored_size for _, loc in blobs)
             span: memoryview | None = None
-            if end - start <= min(_SPAN_SLACK * needed, len(span_buffer)):
-                span = memoryview(span_buffer)[: end - start]
-                self.repo.backend.read_into(name, start, span)
+            if end - start <= min(_SPAN_SLACK * needed, len(span_buffer) - 8192):
+                try:
+                    span = self.repo.backend.read_span(name, start, end - start, span_buffer)
+                except CasError as exc:
+                    # A pack cut short still contains the blobs before the cut:
+                    # read each blob on its own so only the lost ones fail.
+                    log.warning("reading pack %s in one span failed (%s)", pack_id.hex(), exc)
+                    span = None
         except CasError as exc:
             for chunk_id, _ in blobs:
                 self._fail(plan, chunk_id, f"pack {pack_id.hex()} is unreadable: {exc}")
@@ -304,11 +396,13 @@ class Restorer:
         fds: dict[int, int] = {}
         try:
             for chunk_id, loc in blobs:
-                if span is not None:
-                    stored = span[loc.offset - start : loc.offset - start + loc.stored_size]
-                else:
-                    stored = memoryview(self.repo.backend.get(name, loc.offset, loc.stored_size))
                 try:
+                    if span is not None:
+                        stored = span[loc.offset - start : loc.offset - start + loc.stored_size]
+                    else:
+                        stored = memoryview(
+                            self.repo.backend.get(name, loc.offset, loc.stored_size)
+                        )
                     plain = opener.open(
                         chunk_id,
                         loc.blob_type,
@@ -386,6 +480,33 @@ class Restorer:
         finally:
             os.close(fd)
 
+    def _make_links(self, plan: _Plan) -> None:
+        for rel, first in plan.links:
+            source = plan.files[first]
+            job = _FileJob(rel, source.node)
+            plan.files.append(job)
+            if source.error:
+                job.error = f"hard link to a file that failed: {source.error}"
+                continue
+            try:
+                source_dir = self.safe.open_dir(source.rel[:-1])
+                try:
+                    target_dir = self.safe.open_dir(rel[:-1])
+                    try:
+                        os.link(
+                            source.rel[-1],
+                            rel[-1],
+                            src_dir_fd=source_dir,
+                            dst_dir_fd=target_dir,
+                            follow_symlinks=False,
+                        )
+                    finally:
+                        os.close(target_dir)
+                finally:
+                    os.close(source_dir)
+            except OSError as exc:
+                job.error = f"hard link failed: {exc.strerror}"
+
     def _finish_dirs(self, plan: _Plan) -> None:
         for job in sorted(plan.dirs, key=lambda item: len(item.rel), reverse=True):
             if job.node is None:
@@ -432,8 +553,30 @@ def _apply_metadata(fd: int, node: Node) -> None:
             os.fchown(fd, node.uid, node.gid)
         except OSError as exc:
             log.warning("cannot restore owner of %r: %s", node.name, exc)
+    _apply_xattrs(fd, node)
     os.fchmod(fd, node.mode)
     os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+
+def _apply_entry_metadata(name: bytes, dir_fd: int, node: Node) -> None:
+    """Set the owner (as root) and times of a symlink or special file, never following it."""
+    try:
+        if os.geteuid() == 0:
+            os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        log.warning("cannot restore owner or times of %r: %s", node.name, exc.strerror)
+
+
+def _apply_xattrs(fd: int, node: Node) -> None:
+    """Set the node's extended attributes; a file system without them gets a warning."""
+    for key, value in node.xattrs.items():
+        try:
+            os.setxattr(fd, key, value)
+        except OSError as exc:
+            log.warning(
+                "cannot restore extended attribute %r of %r: %s", key, node.name, exc.strerror
+            )
 
 
 def _require_real_dir(name: bytes, dir_fd: int, shown: str) -> None:

@@ -19,6 +19,8 @@ sorted by name. A node is a msgpack map; absent keys take the defaults of
     subtree   tree id of a folder's tree
     rdev      device number of a device node
     xattrs    map of extended attribute name to value, both bytes
+    damaged   text set by `cas repair snapshots` on a file it truncated or a folder
+              whose tree was lost. Readers that do not know the key ignore it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Node:
     subtree: bytes = b""
     rdev: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    damaged: str = ""
 
     @property
     def chunk_ids(self) -> list[bytes]:
@@ -125,7 +128,7 @@ def node_from_map(raw: Any) -> Node:
         if not isinstance(value, bytes):
             raise IntegrityError(f"tree node {name!r} has a bad {key}")
         values[key] = value
-    for key in ("user", "group"):
+    for key in ("user", "group", "damaged"):
         value = raw.get(key, "")
         values[key] = value if isinstance(value, str) else ""
     values["sizes"] = _read_sizes(raw.get("sizes", []), name)

@@ -1,15 +1,19 @@
-"""`cas check [--read-data]`: verify the repository."""
+"""`cas check [--read-data | --read-data-subset N/M|P%]`: verify the repository."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cas.checker import check_repository
+from cas.checker import CheckReport, check_repository, parse_subset
 
-from .context import info, open_repository, print_json
+from .context import human_size, info, open_repository, print_json
+from .progress import ProgressLine
 
+EXIT_WARNINGS = 1
 EXIT_INTEGRITY = 3
+# Findings printed per kind before the rest are summarised in one line.
+_SHOWN_PER_KIND = 20
 
 
 def register(
@@ -22,33 +26,71 @@ def register(
     parser.add_argument(
         "--read-data", action="store_true", help="also read, decrypt and verify every blob"
     )
+    parser.add_argument(
+        "--read-data-subset",
+        metavar="N/M|P%",
+        default=None,
+        help="read and verify the blobs of part N of M of the packs (by pack id), "
+        "or of a random P percent of them",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the check; exit code 3 when anything is wrong."""
+    """Run the check; exit code 3 on any error, 1 on warnings only."""
+    subset = parse_subset(args.read_data_subset) if args.read_data_subset else None
     with open_repository(args) as repo:
-        report = check_repository(repo, read_data=args.read_data)
+        line = ProgressLine(enabled=not args.quiet and not args.json)
+
+        def show(done: int, total: int) -> None:
+            line.update(f"{human_size(done)} of {human_size(total)} verified", done)
+
+        report = check_repository(repo, read_data=args.read_data, progress=show, subset=subset)
+        line.close()
     if args.json:
-        print_json(
-            {
-                "ok": report.ok,
-                "snapshots": report.snapshots,
-                "trees": report.trees,
-                "blobs_referenced": report.blobs_referenced,
-                "blobs_read": report.blobs_read,
-                "bytes_read": report.bytes_read,
-                "findings": [finding.__dict__ for finding in report.findings],
-            }
-        )
-    for finding in report.findings:
-        where = ", ".join(finding.paths[:5])
-        print(
-            f"error: {finding.kind}: {finding.message}" + (f" (used by {where})" if where else ""),
-            file=sys.stderr,
-        )
+        print_json(_report_json(report))
+    _print_findings(report)
     if not report.ok:
         return EXIT_INTEGRITY
-    read = f", {report.blobs_read} blobs read and verified" if args.read_data else ""
-    info(args, f"no problems found: {report.snapshots} snapshots, {report.trees} trees{read}")
+    read = ""
+    if args.read_data or subset is not None:
+        read = f", {report.blobs_read} blobs in {report.packs_read} packs read and verified"
+    summary = f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs{read}"
+    if report.warnings:
+        info(args, f"no errors, {len(report.warnings)} warnings: {summary}")
+        return EXIT_WARNINGS
+    info(args, f"no problems found: {summary}")
     return 0
+
+
+def _report_json(report: CheckReport) -> dict[str, object]:
+    return {
+        "ok": report.ok,
+        "snapshots": report.snapshots,
+        "trees": report.trees,
+        "index_objects": report.index_objects,
+        "packs": report.packs,
+        "packs_read": report.packs_read,
+        "blobs_referenced": report.blobs_referenced,
+        "blobs_read": report.blobs_read,
+        "bytes_read": report.bytes_read,
+        "errors": len(report.errors),
+        "warnings": len(report.warnings),
+        "findings": [finding.__dict__ for finding in report.findings],
+    }
+
+
+def _print_findings(report: CheckReport) -> None:
+    shown: dict[str, int] = {}
+    for finding in report.findings:
+        shown[finding.kind] = shown.get(finding.kind, 0) + 1
+        if shown[finding.kind] > _SHOWN_PER_KIND:
+            continue
+        where = ", ".join(finding.paths[:5])
+        snapshots = ", ".join(snapshot[:16] for snapshot in finding.snapshots[:3])
+        used = f" (used by {where} in snapshot {snapshots})" if where else ""
+        print(f"{finding.severity}: {finding.kind}: {finding.message}{used}", file=sys.stderr)
+    for kind, count in shown.items():
+        if count > _SHOWN_PER_KIND:
+            hidden = count - _SHOWN_PER_KIND
+            print(f"... and {hidden} more {kind} findings (see --json)", file=sys.stderr)

@@ -421,12 +421,6 @@ def test_checkout_overwrite_folder_over_file(cli_repo, run_cas, source, tmp_path
     assert "model.bin" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cas/restorer.py _prepare_target calls os.makedirs without translating OSError, and "
-    "cli/main.py catches only CasError, so a target below a regular file ends in a "
-    "NotADirectoryError traceback instead of exit code 2",
-)
 def test_checkout_target_below_file(cli_repo, run_cas, source, tmp_path):
     run_cas("snapshot", source, "--quiet")
     blocker = tmp_path / "blocker"

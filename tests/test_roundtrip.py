@@ -233,11 +233,6 @@ def test_roundtrip_fifo(repo, tmp_path):
     assert stat.S_ISFIFO((dest / "pipe").lstat().st_mode)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cas/restorer.py _make_special creates the FIFO with os.mknod, which applies the "
-    "umask, and never calls _apply_metadata, so a FIFO's mode and mtime are not restored",
-)
 def test_roundtrip_fifo_metadata(repo, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
@@ -254,12 +249,6 @@ def test_roundtrip_fifo_metadata(repo, tmp_path):
     assert restored.st_mtime_ns == BASE_MTIME_NS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cas/restorer.py stores each symlink's mtime in the tree but never sets it on "
-    "checkout (no os.utime with follow_symlinks=False), so restored symlinks get the "
-    "checkout time",
-)
 def test_roundtrip_symlink_mtime(repo, tmp_path):
     source = tmp_path / "src"
     source.mkdir()

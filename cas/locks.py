@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -62,6 +63,11 @@ class LockInfo:
 
     def is_stale(self, now: float | None = None) -> bool:
         """Return whether the holder is gone: refresh too old, or dead process on this host."""
+        # NOTE: `refreshed` is the holder's clock and `now` the reader's, so this rule
+        # assumes the two clocks differ by much less than STALE_AFTER. A holder whose
+        # clock is behind by more than that looks stale while alive. `RepositoryLock`
+        # also tracks how long a lock's refresh time stays unchanged on its own
+        # monotonic clock, which needs no clock agreement but only works while waiting.
         now = time.time() if now is None else now
         if now - self.refreshed > STALE_AFTER:
             return True
@@ -133,18 +139,29 @@ class RepositoryLock:
         exclusive: bool,
         operation: str,
         wait: float = 0.0,
+        unique_operation: bool = False,
     ) -> None:
         self.backend = backend
         self.keys = keys
         self.exclusive = exclusive
         self.operation = operation
+        # With unique_operation, a lock of the same operation conflicts even when
+        # both are shared, so that two gc runs never overlap.
+        self.unique_operation = unique_operation
         self.name = LOCK_PREFIX + os.urandom(16).hex()
         self._started = datetime.now().astimezone().isoformat()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._write_lock = threading.Lock()
+        # Lock name -> (refresh time read, monotonic time it was first read).
+        self._observed: dict[str, tuple[float, float]] = {}
         self._acquire(wait)
 
     def _write(self) -> None:
+        with self._write_lock:
+            self._write_body()
+
+    def _write_body(self) -> None:
         body = {
             "v": 1,
             "exclusive": self.exclusive,
@@ -161,15 +178,36 @@ class RepositoryLock:
     def _conflicts(self) -> list[LockInfo]:
         conflicts = []
         for lock in read_locks(self.backend, self.keys):
-            if lock.name == self.name or not (self.exclusive or lock.exclusive):
+            if lock.name == self.name:
                 continue
-            if lock.is_stale():
+            same_operation = self.unique_operation and lock.operation == self.operation
+            if not (self.exclusive or lock.exclusive or same_operation):
+                continue
+            if lock.is_stale() or self._unchanged_too_long(lock):
                 log.warning("removing stale %s", lock.describe())
                 with contextlib.suppress(NotFoundError):
                     self.backend.delete(lock.name)
                 continue
             conflicts.append(lock)
         return conflicts
+
+    def _unchanged_too_long(self, lock: LockInfo) -> bool:
+        """Return whether this process has seen the same refresh time for over STALE_AFTER."""
+        now = time.monotonic()
+        seen = self._observed.get(lock.name)
+        if seen is None or seen[0] != lock.refreshed:
+            self._observed[lock.name] = (lock.refreshed, now)
+            return False
+        return now - seen[1] > STALE_AFTER
+
+    def _locked_error(self, conflicts: list[LockInfo]) -> LockedError:
+        holders = "; ".join(lock.describe() for lock in conflicts)
+        return LockedError(
+            f"repository {self.backend.url} is locked: {holders}. Pass --wait DURATION to "
+            f"wait for that operation to end. If its process is gone, `cas unlock` removes "
+            f"the lock, and any lock is treated as stale after {STALE_AFTER:.0f} s without "
+            f"a refresh"
+        )
 
     def _acquire(self, wait: float) -> None:
         deadline = time.monotonic() + wait
@@ -181,13 +219,9 @@ class RepositoryLock:
                 break
             self._delete_own()
             if time.monotonic() + delay > deadline:
-                holders = "; ".join(lock.describe() for lock in conflicts)
-                raise LockedError(
-                    f"repository {self.backend.url} is locked: {holders}. Try again when that "
-                    f"operation ends; a lock whose process is gone is removed automatically "
-                    f"after {STALE_AFTER:.0f} s without refresh"
-                )
-            time.sleep(delay)
+                raise self._locked_error(conflicts)
+            # Jitter keeps two waiting processes from retrying in lockstep.
+            time.sleep(delay * random.uniform(0.75, 1.0))
             delay = min(delay * 2, 10.0)
         self._thread = threading.Thread(target=self._refresh_loop, name="cas-lock", daemon=True)
         self._thread.start()
@@ -198,6 +232,36 @@ class RepositoryLock:
                 self._write()
             except CasError as exc:
                 log.warning("failed to refresh lock %s: %s", self.name, exc)
+
+    def upgrade(self, wait: float = 0.0) -> None:
+        """Turn this held shared lock into an exclusive one, without releasing it first.
+
+        Waits up to ``wait`` seconds for the other locks to go. Between attempts
+        the lock is shared again, so running writers can finish; on timeout it
+        stays shared and `LockedError` is raised.
+        """
+        deadline = time.monotonic() + wait
+        delay = 0.5
+        while True:
+            self.exclusive = True
+            self._write()
+            conflicts = self._conflicts()
+            if not conflicts:
+                return
+            self.exclusive = False
+            self._write()
+            if time.monotonic() + delay > deadline:
+                raise self._locked_error(conflicts)
+            time.sleep(delay * random.uniform(0.75, 1.0))
+            delay = min(delay * 2, 10.0)
+
+    def check_held(self) -> None:
+        """Raise `LockedError` if another process removed this lock as stale."""
+        if not self.backend.exists(self.name):
+            raise LockedError(
+                f"lock {self.name} of this {self.operation} was removed by another process, "
+                f"which took it for stale; stopping before anything is deleted"
+            )
 
     def _delete_own(self) -> None:
         with contextlib.suppress(NotFoundError):
@@ -220,4 +284,12 @@ class RepositoryLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if exc is None:
+            self.release()
+            return
+        # The operation already failed: report its error, not a failed release
+        # (the storage that made it fail often fails the release too).
+        try:
+            self.release()
+        except CasError as release_error:
+            log.warning("failed to release lock %s: %s", self.name, release_error)

@@ -145,9 +145,14 @@ class Repository:
         chunker: ChunkerParams | None = None,
         pack_size: int = DEFAULT_PACK_SIZE,
         kdf: KdfParams | None = None,
+        backend: Backend | None = None,
     ) -> Repository:
-        """Create a repository at ``url`` and return it open."""
-        backend = open_backend(url)
+        """Create a repository at ``url`` and return it open.
+
+        ``backend``, when given, is used in place of the one ``url`` names, such as
+        a test wrapper that injects faults.
+        """
+        backend = backend or open_backend(url)
         if not backend.location_exists():
             backend.create_location()
         if backend.exists(CONFIG_NAME) or any(True for _ in backend.list("keys/")):
@@ -170,9 +175,19 @@ class Repository:
         return cls(backend, keys, config, cache_dir or default_cache_dir())
 
     @classmethod
-    def open(cls, url: str, password: bytes, *, cache_dir: Path | None = None) -> Repository:
-        """Open the repository at ``url``; raise `WrongPasswordError` on a wrong password."""
-        backend = open_backend(url)
+    def open(
+        cls,
+        url: str,
+        password: bytes,
+        *,
+        cache_dir: Path | None = None,
+        backend: Backend | None = None,
+    ) -> Repository:
+        """Open the repository at ``url``; raise `WrongPasswordError` on a wrong password.
+
+        ``backend``, when given, is used in place of the one ``url`` names.
+        """
+        backend = backend or open_backend(url)
         if not backend.exists(CONFIG_NAME):
             raise NotFoundError(
                 f"no repository at {backend.url}: run `cas init` there first, "

@@ -7,6 +7,7 @@ import sys
 
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
+from .cmd_unlock import add_wait_option
 from .context import human_size, info, open_repository, print_json
 from .progress import ProgressLine
 
@@ -32,13 +33,17 @@ def register(
         metavar="MIB",
         help="bound on buffers in MiB (default 256)",
     )
+    add_wait_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Restore and report; exit code 3 names each file that failed verification."""
     options = CheckoutOptions(
-        overwrite=args.overwrite, threads=args.threads, memory_limit=args.memory << 20
+        overwrite=args.overwrite,
+        threads=args.threads,
+        memory_limit=args.memory << 20,
+        wait=args.wait,
     )
     with open_repository(args) as repo:
         snapshot = repo.resolve_snapshot(args.snapshot)

@@ -8,6 +8,7 @@ import sys
 from cas.archiver import Archiver, SnapshotOptions, SnapshotProgress
 from cas.errors import UsageError
 
+from .cmd_unlock import add_wait_option, retry_while_locked
 from .context import human_size, info, open_repository, print_json
 from .progress import ProgressLine
 
@@ -43,6 +44,7 @@ def register(
         metavar="MIB",
         help="bound on file and pack buffers in MiB (default 256)",
     )
+    add_wait_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -77,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
                 progress.bytes_read,
             )
 
-        result = Archiver(repo, options, show).run(args.paths)
+        archiver = Archiver(repo, options, show)
+        # The archiver takes its lock before it writes anything, so a run that
+        # failed on the lock can be repeated as a whole.
+        result = retry_while_locked(lambda: archiver.run(args.paths), args.wait)
         line.close()
     snapshot = result.snapshot
     if args.json:

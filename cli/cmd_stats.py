@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from cas.errors import IntegrityError
+from cas.gc import measure_unused
 
 from .context import human_size, open_repository, print_json
 
@@ -27,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
         logical = 0
         for snapshot in repo.list_snapshots():
             logical += int(snapshot.summary.get("bytes_total", 0))
+        # Marking reads every tree that a snapshot reaches; damage leaves the figure unknown.
+        unused: int | None = None
+        try:
+            unused = measure_unused(repo).unused_bytes
+        except IntegrityError as exc:
+            print(f"warning: cannot count unused bytes: {exc}", file=sys.stderr)
         stats: dict[str, object] = {
             "repository_size": sum(sizes.values()),
             "pack_count": counts["data"],
@@ -34,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             "index_count": counts["index"],
             "snapshot_count": counts["snapshots"],
             "blob_count": repo.index.cache.count(),
+            "unused_bytes": unused,
             "logical_bytes": logical,
             "dedup_ratio": round(logical / sizes["data"], 3) if sizes["data"] else None,
         }
@@ -42,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"repository size  {human_size(sum(sizes.values()))}")
     print(f"packs            {stats['pack_count']} ({human_size(sizes['data'])})")
+    if unused is not None:
+        print(f"unused           {human_size(unused)} (no snapshot uses it; `cas gc` reclaims it)")
     print(f"blobs            {stats['blob_count']}")
     print(f"snapshots        {stats['snapshot_count']}")
     print(f"logical size     {human_size(logical)} (sum over snapshots)")

@@ -24,11 +24,15 @@ from . import (
     cmd_check,
     cmd_checkout,
     cmd_debug,
+    cmd_gc,
     cmd_init,
     cmd_log,
     cmd_ls,
+    cmd_prune,
+    cmd_repair,
     cmd_snapshot,
     cmd_stats,
+    cmd_unlock,
 )
 from .context import add_global_options
 
@@ -41,7 +45,20 @@ _EXIT_CODES: list[tuple[type[CasError], int]] = [
     (LockedError, 5),
     (VerificationFailedError, 6),
 ]
-_COMMANDS = [cmd_init, cmd_snapshot, cmd_log, cmd_ls, cmd_checkout, cmd_stats, cmd_check, cmd_debug]
+_COMMANDS = [
+    cmd_init,
+    cmd_snapshot,
+    cmd_log,
+    cmd_ls,
+    cmd_checkout,
+    cmd_stats,
+    cmd_check,
+    cmd_repair,
+    cmd_prune,
+    cmd_gc,
+    cmd_unlock,
+    cmd_debug,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

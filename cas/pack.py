@@ -322,7 +322,7 @@ class BlobOpener:
         raw_size: int,
         offset: int,
         stored: bytes | bytearray | memoryview,
-        out: bytearray | None = None,
+        out: bytearray | memoryview | None = None,
     ) -> bytes | memoryview:
         """Return a blob's verified plaintext; raise `IntegrityError` on any mismatch.
 

@@ -40,6 +40,7 @@ from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
 from cas.errors import CasError, NotFoundError, UsageError
 from cas.locks import RepositoryLock
+from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot
 from cas.tree import Node, encode_tree
@@ -64,6 +65,8 @@ class SnapshotOptions:
     threads: int = 0
     memory_limit: int = DEFAULT_MEMORY_LIMIT
     host: str = ""
+    # Non-empty: store the paths as the part of this name of a sharded checkpoint.
+    part: str = ""
 
 
 @dataclass
@@ -250,6 +253,8 @@ class Archiver:
     def _run(self, paths: list[str]) -> SnapshotResult:
         if not paths:
             raise UsageError("no path given: name at least one file or folder to snapshot")
+        if self.options.part:
+            check_part_name(self.options.part)
         started = time.monotonic()
         sources = [os.path.abspath(path) for path in paths]
         for source in sources:
@@ -289,11 +294,15 @@ class Archiver:
     def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:
         if self.options.parent:
             return self.repo.resolve_snapshot(self.options.parent)
+        snapshots = self.repo.list_snapshots()
+        if self.options.part:
+            # A part's paths change from step to step, so its name and host find its parent.
+            return latest_part(snapshots, self.options.part, host=host)
         wanted = sorted(os.fsencode(source) for source in sources)
         candidates = [
             snap
-            for snap in self.repo.list_snapshots()
-            if snap.host == host and sorted(snap.paths) == wanted
+            for snap in snapshots
+            if snap.host == host and sorted(snap.paths) == wanted and part_name(snap) is None
         ]
         return candidates[-1] if candidates else None
 
@@ -307,9 +316,9 @@ class Archiver:
             user=_user_name(),
             paths=tuple(os.fsencode(source) for source in sources),
             tree_id=root_id,
-            tags=tuple(self.options.tags),
+            tags=tuple(self._tags()),
             message=self.options.message,
-            meta=dict(self.options.meta),
+            meta=self._meta(),
             parent_id=parent.snapshot_id if parent else None,
             cas_version=__version__,
             summary={
@@ -320,6 +329,19 @@ class Archiver:
             },
         )
         return self.repo.write_snapshot(snapshot)
+
+    def _tags(self) -> list[str]:
+        tags = list(self.options.tags)
+        part_tag = PART_TAG_PREFIX + self.options.part
+        if self.options.part and part_tag not in tags:
+            tags.append(part_tag)
+        return tags
+
+    def _meta(self) -> dict[str, str]:
+        meta = dict(self.options.meta)
+        if self.options.part:
+            meta[PART_META] = self.options.part
+        return meta
 
     # Walking
 

@@ -146,11 +146,13 @@ class Repository:
         pack_size: int = DEFAULT_PACK_SIZE,
         kdf: KdfParams | None = None,
         backend: Backend | None = None,
+        keys: MasterKeys | None = None,
     ) -> Repository:
         """Create a repository at ``url`` and return it open.
 
         ``backend``, when given, is used in place of the one ``url`` names, such as
-        a test wrapper that injects faults.
+        a test wrapper that injects faults. ``keys``, when given, replaces the new
+        random master keys (see `cas.copy.keys_sharing_ids`).
         """
         backend = backend or open_backend(url)
         if not backend.location_exists():
@@ -159,7 +161,7 @@ class Repository:
             raise AlreadyExistsError(f"a repository already exists at {backend.url}")
         params = chunker or DEFAULT_PARAMS
         params.validate()
-        keys = MasterKeys.generate()
+        keys = keys or MasterKeys.generate()
         config = RepoConfig(
             repo_id=os.urandom(32),
             chunker=params,

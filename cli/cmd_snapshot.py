@@ -1,4 +1,4 @@
-"""`cas snapshot PATH...`: store files and folders as a new snapshot."""
+"""`cas snapshot PATH...`: store files and folders as a new snapshot, or join parts into one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 
 from cas.archiver import Archiver, SnapshotOptions, SnapshotProgress
 from cas.errors import UsageError
+from cas.parts import JoinOptions, join_parts, part_name, resolve_parts
+from cas.snapshot import Snapshot
 
 from .cmd_unlock import add_wait_option, retry_while_locked
 from .context import human_size, info, open_repository, print_json
@@ -20,7 +22,7 @@ def register(
     parser = commands.add_parser(
         "snapshot", parents=[parent], help="store files and folders as a new snapshot"
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to store")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to store")
     parser.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
     parser.add_argument("--message", "-m", default="", help="a message stored with the snapshot")
     parser.add_argument(
@@ -33,8 +35,9 @@ def register(
     parser.add_argument(
         "--parent",
         default=None,
-        help="snapshot whose unchanged files are reused without reading "
-        "(default: the latest of the same paths and host)",
+        help="snapshot whose unchanged files are reused without reading (default: the latest "
+        "non-part snapshot of the same paths and host, or for --part the latest part of the "
+        "same name and host)",
     )
     parser.add_argument("--host", default="", help="host name to record (default: this machine's)")
     parser.add_argument(
@@ -44,8 +47,42 @@ def register(
         metavar="MIB",
         help="bound on file and pack buffers in MiB (default 256)",
     )
+    _add_part_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
+
+
+def _add_part_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--part",
+        default="",
+        metavar="NAME",
+        help="store the paths as the part NAME of a sharded checkpoint (see --join)",
+    )
+    parser.add_argument(
+        "--join",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="SNAPSHOT",
+        help="instead of reading paths, join these parts (ids, prefixes or 'latest') into one "
+        "snapshot with a folder per part name",
+    )
+    parser.add_argument(
+        "--join-parts",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="join the newest part of each NAME, from any host",
+    )
+    parser.add_argument(
+        "--join-tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="with --join-parts, take the newest part that has this tag (repeatable)",
+    )
 
 
 def parse_meta(items: list[str]) -> dict[str, str]:
@@ -60,7 +97,11 @@ def parse_meta(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Take the snapshot and print its summary."""
+    """Take the snapshot, or join parts, and print its summary."""
+    if args.join or args.join_parts:
+        return run_join(args)
+    if args.join_tag:
+        raise UsageError("--join-tag only selects parts for --join-parts")
     options = SnapshotOptions(
         tags=args.tag,
         message=args.message,
@@ -69,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         memory_limit=args.memory << 20,
         host=args.host,
+        part=args.part,
     )
     with open_repository(args) as repo:
         line = ProgressLine(enabled=not args.quiet)
@@ -111,3 +153,37 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 1 if result.warnings else 0
+
+
+def run_join(args: argparse.Namespace) -> int:
+    """Join the parts named by --join and --join-parts into one snapshot."""
+    if args.paths or args.part:
+        raise UsageError("--join and --join-parts take no PATH and no --part: they read no files")
+    options = JoinOptions(
+        tags=args.tag, message=args.message, meta=parse_meta(args.meta), host=args.host
+    )
+    with open_repository(args) as repo:
+        parts = resolve_parts(repo, args.join, args.join_parts, tuple(args.join_tag))
+        snapshot = retry_while_locked(lambda: join_parts(repo, parts, options), args.wait)
+    if args.json:
+        print_json(
+            {"id": snapshot.snapshot_hex, "time": snapshot.time, "parts": _parts_json(parts)}
+        )
+    info(args, f"snapshot {snapshot.snapshot_hex[:16]} saved: joined {len(parts)} parts")
+    for part in parts:
+        info(
+            args, f"    {part_name(part)}: {part.snapshot_hex[:16]} from {part.host} at {part.time}"
+        )
+    return 0
+
+
+def _parts_json(parts: list[Snapshot]) -> list[dict[str, str]]:
+    return [
+        {
+            "name": part_name(part) or "",
+            "id": part.snapshot_hex,
+            "host": part.host,
+            "time": part.time,
+        }
+        for part in parts
+    ]

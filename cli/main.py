@@ -23,6 +23,7 @@ from cas.errors import (
 from . import (
     cmd_check,
     cmd_checkout,
+    cmd_copy,
     cmd_debug,
     cmd_gc,
     cmd_init,
@@ -51,6 +52,7 @@ _COMMANDS = [
     cmd_log,
     cmd_ls,
     cmd_checkout,
+    cmd_copy,
     cmd_stats,
     cmd_check,
     cmd_repair,

@@ -4,7 +4,7 @@ Pipeline for one file, with two or more threads:
 
     reader thread:  readinto a free block buffer -> cut chunks (GIL released)
     caller thread:  per chunk: keyed BLAKE3 id, whole-file BLAKE3, index
-                    lookup, compress when the sample says so, seal into the
+                    lookup, compress when the sample shows it pays, seal into the
                     pack buffer (see `cas.blobstore`)
     upload thread:  write and fsync finished packs
 
@@ -56,7 +56,7 @@ _REREADS = 2
 
 @dataclass
 class SnapshotOptions:
-    """What a snapshot run stores besides the files."""
+    """Options of a snapshot run: its metadata, parent, threads and memory bound."""
 
     tags: list[str] = field(default_factory=list)
     message: str = ""
@@ -80,7 +80,7 @@ class SnapshotProgress:
 
 @dataclass(frozen=True)
 class SnapshotResult:
-    """What a snapshot run did."""
+    """Summary of one snapshot run."""
 
     snapshot: Snapshot
     files: int

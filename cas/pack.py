@@ -71,14 +71,14 @@ _ENTRY_FIELDS = 7
 
 
 class BlobType(IntEnum):
-    """What a blob holds."""
+    """Kind of content in a blob."""
 
     CHUNK = 0
     TREE = 1
 
 
 class Codec(IntEnum):
-    """How a blob's plaintext is compressed before encryption."""
+    """Compression applied to a blob's plaintext before encryption."""
 
     NONE = 0
     LZ4 = 1

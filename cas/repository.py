@@ -121,7 +121,7 @@ def default_cache_dir() -> Path:
 
 
 class Repository:
-    """An open, unlocked repository. Not thread-safe except where a method says so."""
+    """An open, unlocked repository. Not thread-safe unless a method's docstring states it."""
 
     def __init__(
         self, backend: Backend, keys: MasterKeys, config: RepoConfig, cache_dir: Path

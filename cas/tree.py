@@ -104,7 +104,7 @@ _BYTES_FIELDS = ("chunks", "digest", "target", "subtree")
 def validate_name(name: bytes) -> None:
     """Raise `IntegrityError` unless ``name`` is one safe path component."""
     if name in (b"", b".", b"..") or b"/" in name or b"\x00" in name:
-        raise IntegrityError(f"tree holds an unsafe name {name!r}")
+        raise IntegrityError(f"tree contains an unsafe name {name!r}")
 
 
 def node_from_map(raw: Any) -> Node:

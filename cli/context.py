@@ -1,4 +1,4 @@
-"""What every command needs: passwords, opening the repository, printing results."""
+"""Helpers shared by every command: passwords, opening the repository, printing results."""
 
 from __future__ import annotations
 

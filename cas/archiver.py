@@ -264,17 +264,20 @@ class Archiver:
         parent = self._find_parent(sources, host)
         with RepositoryLock(
             self.repo.backend, self.repo.keys, exclusive=False, operation="snapshot"
-        ):
+        ) as lock:
             # A gc that finished before this lock may have removed packs the
             # cache still lists: sync now, so no chunk is deduplicated against them.
             self.repo.index.sync()
-            writer = BlobWriter(self.repo, self.threads > 1)
+            # If the lock is lost (a paused process taken for stale, or cas unlock),
+            # a gc may have deleted packs this run wrote or reused: publish nothing.
+            writer = BlobWriter(self.repo, self.threads > 1, lock.check_held)
             try:
                 root_id = self._store_roots(sources, parent, writer)
                 writer.finish()
             except BaseException:
                 writer.abort()
                 raise
+            lock.check_held()
             snapshot, snapshot_size = self._write_snapshot(sources, host, parent, root_id)
         bytes_added = writer.bytes_uploaded + self.repo.index.bytes_written + snapshot_size
         self._report(force=True)

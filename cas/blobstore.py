@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cas.index import pack_name
@@ -123,9 +124,16 @@ class _Uploader:
 class BlobWriter:
     """Seals new chunks and trees into packs and uploads them; see the module docstring."""
 
-    def __init__(self, repo: Repository, threaded: bool) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        threaded: bool,
+        before_publish: Callable[[], None] | None = None,
+    ) -> None:
         self.repo = repo
         self.index = repo.index
+        # Called before each index object is published; raises to stop the run.
+        self._before_publish = before_publish or (lambda: None)
         self.stats = WriteStats()
         max_blob = repo.config.chunker.max_size
         self._uploader = _Uploader(repo, threaded)
@@ -213,6 +221,7 @@ class BlobWriter:
         self._packs_since_flush += 1
         if self._packs_since_flush >= _INDEX_FLUSH_PACKS:
             self._uploader.wait_idle()
+            self._before_publish()
             self.index.flush()
             self._packs_since_flush = 0
 
@@ -224,6 +233,7 @@ class BlobWriter:
                 self.stats.packs += 1
         self._uploader.wait_idle()
         self._uploader.close()
+        self._before_publish()
         self.index.flush()
 
     def abort(self) -> None:

@@ -31,7 +31,7 @@ import lmdb
 
 from cas.backend import Backend
 from cas.crypto import ID_SIZE, MasterKeys
-from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError
+from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError, UsageError
 from cas.objects import ObjectKind, encode_object, read_object
 from cas.pack import PackEntry, parse_entry
 
@@ -133,7 +133,13 @@ class IndexCache:
     """The LMDB cache of one repository's index; safe across threads and processes."""
 
     def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot use cache folder {path}: {exc.strerror}; pass --cache-dir with a "
+                f"writable folder"
+            ) from None
         self.path = path
         try:
             self._open()

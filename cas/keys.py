@@ -190,7 +190,7 @@ def unlock(backend: Backend, password: bytes) -> tuple[MasterKeys, str]:
     if len(damaged) == len(names):
         raise IntegrityError(
             f"every key object of {backend.url} is damaged or unreadable "
-            f"({', '.join(damaged)}); restore keys/ from a copy or use an exported key"
+            f"({', '.join(damaged)}); restore the keys/ folder from a copy of the repository"
         )
     raise WrongPasswordError(
         f"wrong password: none of the {len(names) - len(damaged)} readable keys of "

@@ -152,6 +152,7 @@ class RepositoryLock:
         self._started = datetime.now().astimezone().isoformat()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lost = False
         self._write_lock = threading.Lock()
         # Lock name -> (refresh time read, monotonic time it was first read).
         self._observed: dict[str, tuple[float, float]] = {}
@@ -229,6 +230,12 @@ class RepositoryLock:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_INTERVAL):
             try:
+                # A lock that another process removed (as stale, or with cas unlock)
+                # must not be written again: this operation may no longer commit.
+                if not self.backend.exists(self.name):
+                    self._lost = True
+                    log.error("lock %s was removed by another process", self.name)
+                    return
                 self._write()
             except CasError as exc:
                 log.warning("failed to refresh lock %s: %s", self.name, exc)
@@ -256,11 +263,20 @@ class RepositoryLock:
             delay = min(delay * 2, 10.0)
 
     def check_held(self) -> None:
-        """Raise `LockedError` if another process removed this lock as stale."""
-        if not self.backend.exists(self.name):
+        """Raise `LockedError` if another process removed this lock.
+
+        Call it before publishing or deleting anything: once the lock is gone, a
+        gc may have deleted packs this operation relies on.
+
+        NOTE: a process paused between this check and its next write is not
+        covered; the window is one backend request long.
+        """
+        if self._lost or not self.backend.exists(self.name):
+            self._lost = True
             raise LockedError(
-                f"lock {self.name} of this {self.operation} was removed by another process, "
-                f"which took it for stale; stopping before anything is deleted"
+                f"lock {self.name} of this {self.operation} was removed by another process "
+                f"(taken for stale, or removed with cas unlock); stopping before anything "
+                f"more is published or deleted. Run the {self.operation} again"
             )
 
     def _delete_own(self) -> None:

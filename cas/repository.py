@@ -191,6 +191,11 @@ class Repository:
         """
         backend = backend or open_backend(url)
         if not backend.exists(CONFIG_NAME):
+            if any(True for _ in backend.list("keys/")):
+                raise IntegrityError(
+                    f"repository {backend.url} has key objects but no config object: the "
+                    f"config was deleted or an init was interrupted; restore it from a copy"
+                )
             raise NotFoundError(
                 f"no repository at {backend.url}: run `cas init` there first, "
                 f"or check the -r/--repo value"

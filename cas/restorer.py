@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # Read a pack's whole needed span in one request unless it is over twice the
 # bytes actually needed; then read each blob on its own.
 _SPAN_SLACK = 2
+# Descriptors each worker keeps open while it writes one pack's chunks.
+_MAX_OPEN_FILES = 32
 
 
 @dataclass
@@ -466,6 +468,10 @@ class Restorer:
         try:
             fd = fds.get(number)
             if fd is None:
+                if len(fds) >= _MAX_OPEN_FILES:
+                    # A pack can hold chunks of thousands of small files: keep the
+                    # descriptors under the usual limit of 1,024 per process.
+                    os.close(fds.pop(next(iter(fds))))
                 fd = fds[number] = self._open_file(job, os.O_WRONLY)
             view = memoryview(data)
             while view:
@@ -514,7 +520,10 @@ class Restorer:
                 and _digest_fd(fd, job.node.size, self.threads) != job.node.digest
             ):
                 job.error = "content does not match the digest recorded in the snapshot"
-            _apply_metadata(fd, job.node)
+            # A file that failed keeps mode 0600 and the time of the checkout, so
+            # tools that compare size and mtime do not take it for the original.
+            if not job.error:
+                _apply_metadata(fd, job.node)
         finally:
             os.close(fd)
 

@@ -8,9 +8,10 @@ import sys
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
 from .cmd_unlock import add_wait_option
-from .context import human_size, info, open_repository, print_json
+from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import ProgressLine
 
+EXIT_OPERATIONAL = 2
 EXIT_INTEGRITY = 3
 
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     options = CheckoutOptions(
         overwrite=args.overwrite,
         threads=args.threads,
-        memory_limit=args.memory << 20,
+        memory_limit=memory_limit(args.memory),
         wait=args.wait,
     )
     with open_repository(args) as repo:
@@ -74,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {path}: {error}", file=sys.stderr)
     if result.failed:
         print(
-            f"checkout incomplete: {len(result.failed)} of {result.files} files failed",
+            f"checkout incomplete: {len(result.failed)} paths could not be restored "
+            f"({result.files} files in the snapshot)",
             file=sys.stderr,
         )
+        # Failures to write into the target (disk full, too many files) are
+        # operational errors; anything else means the repository is damaged.
+        if all(error.startswith("write failed") for _, error in result.failed):
+            return EXIT_OPERATIONAL
         return EXIT_INTEGRITY
     info(
         args,

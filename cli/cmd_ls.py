@@ -62,7 +62,8 @@ def printable(name: bytes) -> str:
 def node_json(path: str, node: Node) -> dict[str, object]:
     """Return one listed entry as its JSON object."""
     return {
-        "path": path,
+        # Names that are not UTF-8 appear with \xNN escapes, so the document is valid UTF-8.
+        "path": printable(os.fsencode(path)),
         "type": node.type,
         "size": node.size,
         "mode": f"{node.mode:04o}",

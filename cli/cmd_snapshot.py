@@ -11,7 +11,7 @@ from cas.parts import JoinOptions, join_parts, part_name, resolve_parts
 from cas.snapshot import Snapshot
 
 from .cmd_unlock import add_wait_option, retry_while_locked
-from .context import human_size, info, open_repository, print_json
+from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import ProgressLine
 
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         meta=parse_meta(args.meta),
         parent=args.parent,
         threads=args.threads,
-        memory_limit=args.memory << 20,
+        memory_limit=memory_limit(args.memory),
         host=args.host,
         part=args.part,
     )

@@ -54,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"repository size  {human_size(sum(sizes.values()))}")
     print(f"packs            {stats['pack_count']} ({human_size(sizes['data'])})")
     if unused is not None:
-        print(f"unused           {human_size(unused)} (no snapshot uses it; `cas gc` reclaims it)")
+        print(
+            f"unused           {human_size(unused)} (no snapshot uses it; `cas gc` frees "
+            f"dead packs, and packs over --max-unused, default 10 %)"
+        )
     print(f"blobs            {stats['blob_count']}")
     print(f"snapshots        {stats['snapshot_count']}")
     print(f"logical size     {human_size(logical)} (sum over snapshots)")

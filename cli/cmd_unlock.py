@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -87,11 +88,25 @@ def _describe(lock: LockInfo) -> dict[str, object]:
     }
 
 
+def _alive_here(lock: LockInfo) -> bool:
+    return lock.host == socket.gethostname() and not lock.is_stale()
+
+
 def run(args: argparse.Namespace) -> int:
     """Remove locks and report which."""
     with open_repository(args) as repo:
         if args.remove_all:
-            removed = read_locks(repo.backend, repo.keys)
+            # A lock of a live process on this host is never removed: that
+            # operation would go on without protection and could commit data
+            # that a gc deletes. End the process first.
+            live = [lock for lock in read_locks(repo.backend, repo.keys) if _alive_here(lock)]
+            removed = [lock for lock in read_locks(repo.backend, repo.keys) if lock not in live]
+            for lock in live:
+                print(
+                    f"warning: keeping the {lock.describe()}: that process is still running "
+                    f"on this host; end it first",
+                    file=sys.stderr,
+                )
             if removed:
                 print(
                     f"warning: removing all {len(removed)} locks; an operation still running "

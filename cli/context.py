@@ -69,6 +69,16 @@ def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
 
 
+MIN_MEMORY_MIB = 64
+
+
+def memory_limit(mib: int) -> int:
+    """Return a --memory value in bytes; below 64 MiB not even one pack buffer fits."""
+    if mib < MIN_MEMORY_MIB:
+        raise UsageError(f"invalid --memory {mib}: use {MIN_MEMORY_MIB} MiB or more")
+    return mib << 20
+
+
 def repo_url(args: argparse.Namespace) -> str:
     """Return the repository URL from -r/--repo or CAS_REPOSITORY.
 
@@ -106,6 +116,8 @@ def read_password(args: argparse.Namespace, confirm: bool = False) -> bytes:
         except OSError as exc:
             raise UsageError(f"cannot read password file {password_file}: {exc.strerror}") from None
     if "CAS_PASSWORD" in os.environ:
+        if not os.environ["CAS_PASSWORD"]:
+            raise UsageError("CAS_PASSWORD is set but empty; set it to the password or unset it")
         return os.environ["CAS_PASSWORD"].encode()
     if not sys.stdin.isatty():
         raise UsageError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from cas import __version__
@@ -35,7 +36,7 @@ from . import (
     cmd_stats,
     cmd_unlock,
 )
-from .context import add_global_options
+from .context import add_global_options, print_json
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -92,18 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s: %(message)s")
+    # SIGTERM (systemd, kill, a job scheduler) unwinds like Ctrl-C, so locks
+    # are released and temporary files removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code: int = args.run(args)
     except CasError as error:
         print(f"cas: {error}", file=sys.stderr)
-        return exit_code_of(error)
+        return _fail(args, exit_code_of(error), str(error))
     except KeyboardInterrupt:
         print("cas: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, EXIT_INTERRUPTED, "interrupted")
     except BrokenPipeError:
         # The reader of stdout went away (`cas log | head`): not an error of cas.
         sys.stderr.close()
         return code_on_broken_pipe()
+    return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    """Return ``code``; with --json, first print the error as the one JSON document."""
+    if getattr(args, "json", False):
+        print_json({"error": message, "exit_code": code})
     return code
 
 

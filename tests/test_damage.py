@@ -469,6 +469,6 @@ def test_truncated_config(stored, run_cas):
 def test_deleted_config(stored, run_cas):
     (stored.repo / "config").unlink()
 
-    result = run_cas("log", expect=2)
+    result = run_cas("log", expect=3)
 
-    assert "no repository" in result.stderr
+    assert "no config object" in result.stderr

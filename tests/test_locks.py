@@ -92,16 +92,39 @@ def test_unlock_removes_old_refresh_lock(cli_repo, run_cas):
 
 
 def test_unlock_remove_all_warns(cli_repo, run_cas):
-    with (
-        library_repo(cli_repo) as repo,
-        RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="snapshot") as held,
-    ):
-        kept = json.loads(run_cas("unlock", "--json").stdout)
-        assert kept["removed"] == []
-        assert [lock["name"] for lock in kept["remaining"]] == [held.name]
-        result = run_cas("unlock", "--remove-all")
-        assert "warning: removing all 1 locks" in result.stderr
-        assert lock_names(cli_repo) == set()
+    with library_repo(cli_repo) as repo:
+        other = put_lock(repo, host="other-host", pid=1, refreshed=time.time(), exclusive=False)
+        with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="snapshot") as held:
+            kept = json.loads(run_cas("unlock", "--json").stdout)
+            assert kept["removed"] == []
+            assert len(kept["remaining"]) == 2
+            result = run_cas("unlock", "--remove-all")
+            assert "warning: removing all 1 locks" in result.stderr
+            assert "still running on this host" in result.stderr
+            # The live lock of this process stays; the other host's lock goes.
+            assert lock_names(cli_repo) == {held.name}
+            assert other not in lock_names(cli_repo)
+
+
+def test_lost_lock_stops_snapshot(cli_repo, tmp_path):
+    """A snapshot whose lock another process removed must publish nothing.
+
+    Without the check, a gc that took the lock for stale could delete the
+    packs this snapshot wrote, and the snapshot would still commit.
+    """
+    write_files(tmp_path / "src", {f"f{i}.bin": os.urandom(200_000) for i in range(12)})
+    snapshot = start_slow(cli_repo, "snapshot", tmp_path / "src", "--json", put_delay=0.3)
+    wait_for_lock(cli_repo, "snapshot", exclusive=False)
+    for name in lock_names(cli_repo):
+        (cli_repo.repo / name).unlink()
+
+    code, _, stderr = finish(snapshot)
+
+    assert code == 5, stderr
+    assert "was removed by another process" in stderr
+    assert not (cli_repo.repo / "snapshots").exists() or not any(
+        (cli_repo.repo / "snapshots").iterdir()
+    )
 
 
 def test_stale_lock_does_not_block(cli_repo, run_cas, tmp_path):

@@ -18,17 +18,14 @@ the snapshot object, one snapshot at a time, under a shared lock in each reposit
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from cas.archiver import deep_recursion
 from cas.blobstore import BlobWriter
 from cas.crypto import MasterKeys
-from cas.errors import AlreadyExistsError, IntegrityError, NotFoundError, UsageError
-from cas.index import pack_name
+from cas.errors import AlreadyExistsError, UsageError
 from cas.locks import RepositoryLock
 from cas.objects import MAX_OBJECT_SIZE, ObjectKind, open_object, seal_object
-from cas.pack import MAX_BLOB_RAW_SIZE, PROLOGUE_SIZE, BlobOpener, parse_prologue
 from cas.parts import JOIN_META_PREFIX
 from cas.repository import Repository
 from cas.snapshot import SNAPSHOT_PREFIX, Snapshot
@@ -38,7 +35,6 @@ log = logging.getLogger(__name__)
 
 COPIED_FROM_META = "cas.copied_from"
 # Packs whose prologue (key mode and salt) stays known while blobs are read.
-_OPENER_CACHE_SIZE = 64
 
 
 def keys_sharing_ids(source: MasterKeys) -> MasterKeys:
@@ -66,49 +62,6 @@ def _shared_lock(repo: Repository) -> RepositoryLock:
     return RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="copy")
 
 
-class _BlobReader:
-    """Reads verified blob plaintext from a repository, keeping recent pack prologues."""
-
-    def __init__(self, repo: Repository) -> None:
-        self.repo = repo
-        self._openers: OrderedDict[bytes, BlobOpener] = OrderedDict()
-
-    def _opener(self, pack_id: bytes) -> BlobOpener:
-        opener = self._openers.get(pack_id)
-        if opener is not None:
-            self._openers.move_to_end(pack_id)
-            return opener
-        name = pack_name(pack_id)
-        key_mode, salt = parse_prologue(self.repo.backend.get(name, 0, PROLOGUE_SIZE), name)
-        opener = BlobOpener(self.repo.keys, pack_id, key_mode, salt)
-        self._openers[pack_id] = opener
-        if len(self._openers) > _OPENER_CACHE_SIZE:
-            self._openers.popitem(last=False)
-        return opener
-
-    def read(self, blob_id: bytes) -> bytes:
-        """Return a blob's plaintext; raise `NotFoundError` or `IntegrityError`."""
-        location = self.repo.index.lookup(blob_id)
-        if location is None:
-            raise NotFoundError(f"blob {blob_id.hex()} is not in the source index")
-        if location.raw_size > MAX_BLOB_RAW_SIZE or location.offset < PROLOGUE_SIZE:
-            raise IntegrityError(f"index entry of blob {blob_id.hex()} is out of bounds")
-        opener = self._opener(location.pack_id)
-        stored = self.repo.backend.get(
-            pack_name(location.pack_id), location.offset, location.stored_size
-        )
-        plain = opener.open(
-            blob_id,
-            location.blob_type,
-            location.codec,
-            location.filter,
-            location.raw_size,
-            location.offset,
-            stored,
-        )
-        return plain if isinstance(plain, bytes) else bytes(plain)
-
-
 class Copier:
     """Copies snapshots from ``source`` to ``target``; see the module docstring."""
 
@@ -118,7 +71,6 @@ class Copier:
         self.source = source
         self.target = target
         self.shared_ids = source.keys.id_key == target.keys.id_key
-        self._reader = _BlobReader(source)
         # Source id -> target id of every tree, chunk and snapshot handled in this run.
         # NOTE: the chunk map grows by an estimated 150 bytes per distinct chunk copied.
         self._tree_ids: dict[bytes, bytes] = {}
@@ -237,7 +189,7 @@ class Copier:
         done = self._tree_ids.get(tree_id)
         if done is not None:
             return done
-        payload = self._reader.read(tree_id)
+        payload = self.source.read_blob(tree_id)
         nodes = [
             self._copy_node(node, writer) for node in decode_tree(payload, f"tree {tree_id.hex()}")
         ]
@@ -264,12 +216,12 @@ class Copier:
         """Copy one chunk unless the target has it; return its id in the target."""
         if self.shared_ids:
             if not writer.has(chunk_id):
-                writer.add_chunk(chunk_id, memoryview(self._reader.read(chunk_id)))
+                writer.add_chunk(chunk_id, memoryview(self.source.read_blob(chunk_id)))
             return chunk_id
         mapped = self._chunk_ids.get(chunk_id)
         if mapped is not None:
             return mapped
-        plain = self._reader.read(chunk_id)
+        plain = self.source.read_blob(chunk_id)
         target_id = self.target.keys.blob_id(plain)
         writer.add_chunk(target_id, memoryview(plain))
         self._chunk_ids[chunk_id] = target_id

@@ -12,7 +12,7 @@ key as described in `cas.objects`):
                 reader may drop them (written by gc)
 
 LMDB layout: database ``blobs`` maps the 32-byte blob id to a packed
-`BlobLocation` (see `_LOCATION`); database ``indexes`` holds the name of each
+`BlobLocation` (see `_LOCATION`); database ``indexes`` contains the name of each
 index object already merged. Memory use does not grow with the number of
 blobs: lookups go to the memory-mapped database.
 """
@@ -46,7 +46,7 @@ _MAP_SIZE = 1 << 38
 
 @dataclass(frozen=True)
 class BlobLocation:
-    """Where a blob lies: ``offset + stored_size`` is inside pack ``pack_id``."""
+    """Location of a blob: ``offset + stored_size`` is inside pack ``pack_id``."""
 
     pack_id: bytes
     offset: int
@@ -144,7 +144,7 @@ class IndexCache:
         try:
             self._open()
         except lmdb.Error as exc:
-            # The cache holds nothing that the repository lacks: start it afresh.
+            # The cache contains nothing that the repository lacks, so start it afresh.
             log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
             for name in ("data.mdb", "lock.mdb"):
                 (path / name).unlink(missing_ok=True)
@@ -239,7 +239,7 @@ class Index:
                 continue  # deleted by a concurrent gc after the listing
             self.cache.merge(name, packs)
         log.debug(
-            "index cache holds %d blobs from %d index objects", self.cache.count(), len(names)
+            "index cache contains %d blobs from %d index objects", self.cache.count(), len(names)
         )
 
     def read_index_object(self, name: str) -> tuple[list[tuple[bytes, list[PackEntry]]], list[str]]:
@@ -248,7 +248,7 @@ class Index:
         return decode_index_body(body, name)
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
-        """Return where a blob lies, or None when no pack holds it."""
+        """Return the location of a blob, or None when no pack contains it."""
         with self._lock:
             location = self._pending.get(blob_id)
         if location is not None:

@@ -132,6 +132,7 @@ class Repository:
         self.cache_dir = cache_dir / config.repo_id.hex()
         self._index: Index | None = None
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._openers: OrderedDict[bytes, BlobOpener] = OrderedDict()
 
     # Opening and creating
 
@@ -307,10 +308,8 @@ class Repository:
         if location.raw_size > MAX_BLOB_RAW_SIZE or location.offset < PROLOGUE_SIZE:
             raise IntegrityError(f"index entry of blob {blob_id.hex()} is out of bounds")
         name = pack_name(location.pack_id)
-        key_mode, salt = parse_prologue(self.backend.get(name, 0, PROLOGUE_SIZE), name)
         stored = self.backend.get(name, location.offset, location.stored_size)
-        opener = BlobOpener(self.keys, location.pack_id, key_mode, salt)
-        plain = opener.open(
+        plain = self._opener(location.pack_id).open(
             blob_id,
             location.blob_type,
             location.codec,
@@ -320,6 +319,19 @@ class Repository:
             stored,
         )
         return plain if isinstance(plain, bytes) else bytes(plain)
+
+    def _opener(self, pack_id: bytes) -> BlobOpener:
+        """Return the blob opener of a pack, reading its prologue once per 64 packs used."""
+        opener = self._openers.get(pack_id)
+        if opener is not None:
+            self._openers.move_to_end(pack_id)
+            return opener
+        name = pack_name(pack_id)
+        key_mode, salt = parse_prologue(self.backend.get(name, 0, PROLOGUE_SIZE), name)
+        opener = self._openers[pack_id] = BlobOpener(self.keys, pack_id, key_mode, salt)
+        if len(self._openers) > 64:
+            self._openers.popitem(last=False)
+        return opener
 
     def load_tree(self, tree_id: bytes) -> list[Node]:
         """Return a tree's nodes; keeps the last 256 trees in memory."""

@@ -54,7 +54,7 @@ _MAX_OPEN_FILES = 32
 
 @dataclass
 class CheckoutOptions:
-    """How a checkout runs."""
+    """Options of a checkout: overwrite, threads, memory bound and lock wait."""
 
     overwrite: bool = False
     threads: int = 0
@@ -73,7 +73,7 @@ class CheckoutProgress:
 
 @dataclass(frozen=True)
 class CheckoutResult:
-    """What a checkout did; ``failed`` names each file that could not be restored."""
+    """Summary of a checkout; ``failed`` names each path that could not be restored."""
 
     files: int
     dirs: int
@@ -159,7 +159,7 @@ class Restorer:
         self.target = os.path.abspath(target)
         self.options = options or CheckoutOptions()
         self.threads = effective_threads(self.options.threads)
-        # Each worker holds one pack span and one plaintext buffer; fit them in the bound.
+        # Each worker keeps one pack span and one plaintext buffer, so fit them in the bound.
         per_worker = repo.config.pack_size + repo.config.chunker.max_size + (2 << 20)
         self.workers = max(1, min(self.threads, self.options.memory_limit // per_worker))
         self.progress_callback = progress

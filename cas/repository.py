@@ -133,6 +133,8 @@ class Repository:
         self._index: Index | None = None
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._openers: OrderedDict[bytes, BlobOpener] = OrderedDict()
+        # Hex ids of the snapshot objects the last `list_snapshots` could not load.
+        self.skipped_snapshots: list[str] = []
 
     # Opening and creating
 
@@ -257,11 +259,13 @@ class Repository:
         reports it.
         """
         snapshots = []
+        self.skipped_snapshots = []
         for name in self.snapshot_names():
             try:
                 snapshots.append(self.load_snapshot(name))
             except (IntegrityError, UnsupportedFormatError, NotFoundError) as exc:
                 log.warning("skipping snapshot %s: %s", name, exc)
+                self.skipped_snapshots.append(name)
         return sorted(snapshots, key=lambda snap: (snap.datetime, snap.snapshot_hex))
 
     def resolve_snapshot(self, name: str) -> Snapshot:

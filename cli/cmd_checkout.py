@@ -11,6 +11,7 @@ from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import ProgressLine
 
+EXIT_WARNINGS = 1
 EXIT_OPERATIONAL = 2
 EXIT_INTEGRITY = 3
 
@@ -73,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         )
     for path, error in result.failed:
         print(f"error: {path}: {error}", file=sys.stderr)
+    if args.snapshot == "latest" and repo.skipped_snapshots:
+        # A damaged snapshot may be the newest one: the restore is of an older one.
+        print(
+            f"warning: {len(repo.skipped_snapshots)} snapshot objects could not be read, so "
+            f"'latest' may not be the newest snapshot; run `cas check`",
+            file=sys.stderr,
+        )
     if result.failed:
         print(
             f"checkout incomplete: {len(result.failed)} paths could not be restored "
@@ -89,4 +97,4 @@ def run(args: argparse.Namespace) -> int:
         f"restored snapshot {snapshot.snapshot_hex[:16]}: {result.files} files, "
         f"{human_size(result.bytes_total)}, verified, in {result.seconds:.1f} s",
     )
-    return 0
+    return EXIT_WARNINGS if args.snapshot == "latest" and repo.skipped_snapshots else 0

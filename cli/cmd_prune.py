@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
-from cas.errors import NotFoundError, UsageError
+from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError, UsageError
 from cas.locks import RepositoryLock
 from cas.prune import (
     DEFAULT_GROUP_BY,
@@ -127,20 +128,45 @@ def _snapshot_json(snapshot: Snapshot, reasons: list[str] | None = None) -> dict
     return item
 
 
+def _split_unreadable(args: argparse.Namespace, repo: Repository) -> list[str]:
+    """Take out of ``args.snapshots`` the full ids whose snapshot objects do not load.
+
+    Such an object blocks gc, which must read every snapshot to mark its blobs,
+    and no other command can remove it, so `cas prune ID` deletes it when given
+    its full id (never a prefix, so a typo cannot select it).
+    """
+    names = set(repo.snapshot_names())
+    unreadable, readable = [], []
+    for name in args.snapshots:
+        if len(name) == 64 and name.lower() in names:
+            try:
+                repo.load_snapshot(name.lower())
+            except (IntegrityError, UnsupportedFormatError) as exc:
+                print(
+                    f"warning: snapshot {name} is unreadable ({exc}); removing it", file=sys.stderr
+                )
+                unreadable.append(name.lower())
+                continue
+        readable.append(name)
+    args.snapshots = readable
+    return unreadable
+
+
 def run(args: argparse.Namespace) -> int:
     """Decide, then delete the snapshot objects under the exclusive lock."""
     with open_repository(args) as repo:
+        unreadable = _split_unreadable(args, repo) if args.snapshots else []
         if args.dry_run:
-            groups = _decide(args, repo)
+            groups = _decide(args, repo) if args.snapshots or not unreadable else []
         else:
             with RepositoryLock(
                 repo.backend, repo.keys, exclusive=True, operation="prune", wait=args.wait
             ):
-                groups = _decide(args, repo)
-                for group in groups:
-                    for snapshot in group.removed:
-                        with contextlib.suppress(NotFoundError):
-                            repo.backend.delete(SNAPSHOT_PREFIX + snapshot.snapshot_hex)
+                groups = _decide(args, repo) if args.snapshots or not unreadable else []
+                doomed = [snap.snapshot_hex for group in groups for snap in group.removed]
+                for snapshot_hex in doomed + unreadable:
+                    with contextlib.suppress(NotFoundError):
+                        repo.backend.delete(SNAPSHOT_PREFIX + snapshot_hex)
     _report(args, groups)
     return 0
 

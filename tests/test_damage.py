@@ -377,6 +377,36 @@ def test_flipped_snapshot_new_snapshot(stored, run_cas, tmp_path):
     assert [entry["id"] for entry in log] == [json.loads(result.stdout)["id"]]
 
 
+def test_latest_warns_after_skipping(stored, run_cas, tmp_path):
+    """`latest` restores the newest readable snapshot, and says a newer one may be lost."""
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "c.bin").write_bytes(b"second snapshot")
+    second_id = json.loads(run_cas("snapshot", tmp_path / "second", "--json").stdout)["id"]
+    damaged = stored.repo / "snapshots" / second_id
+    flip_byte(damaged, damaged.stat().st_size // 2)
+
+    result = run_cas("checkout", "latest", tmp_path / "dest", expect=1)
+
+    assert "'latest' may not be the newest snapshot" in result.stderr
+    assert (tmp_path / "dest" / "a.bin").exists()
+
+
+def test_prune_removes_unreadable_snapshot(stored, run_cas):
+    """An unreadable snapshot object blocks gc; `cas prune FULL_ID` is the way out."""
+    snapshot_object = stored.repo / "snapshots" / stored.snapshot_id
+    flip_byte(snapshot_object, snapshot_object.stat().st_size // 2)
+    run_cas("gc", expect=3)
+
+    short = run_cas("prune", stored.snapshot_id[:12], expect=None)
+    assert short.returncode != 0
+    assert snapshot_object.exists()
+    result = run_cas("prune", stored.snapshot_id)
+
+    assert "unreadable" in result.stderr
+    assert not snapshot_object.exists()
+    run_cas("gc")
+
+
 def key_object(stored: Stored) -> Path:
     return only_file(stored.repo / "keys")
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from cas.checker import CheckReport, check_repository, parse_subset
+from cas.errors import BackendError, LockedError
+from cas.locks import RepositoryLock
+from cas.repository import Repository
 
+from .cmd_unlock import add_wait_option
 from .context import human_size, info, open_repository, print_json
 from .progress import ProgressLine
 
@@ -33,7 +38,36 @@ def register(
         help="read and verify the blobs of part N of M of the packs (by pack id), "
         "or of a random P percent of them",
     )
+    parser.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="check without taking a shared lock (read-only media; a gc may then run "
+        "meanwhile and its deletions show up as missing packs)",
+    )
+    add_wait_option(parser)
     parser.set_defaults(run=run)
+
+
+def _shared_lock(
+    args: argparse.Namespace, repo: Repository
+) -> contextlib.AbstractContextManager[object]:
+    """Return a shared lock that keeps gc from deleting packs while they are checked.
+
+    Check only reads, so a lock that cannot be written (a full disk, a read-only
+    mount) is reported and the check goes on without one; a conflicting
+    exclusive lock still stops it with exit code 5.
+    """
+    if args.no_lock:
+        return contextlib.nullcontext()
+    try:
+        return RepositoryLock(
+            repo.backend, repo.keys, exclusive=False, operation="check", wait=args.wait
+        )
+    except LockedError:
+        raise
+    except BackendError as exc:
+        print(f"warning: cannot write a lock ({exc}); checking without one", file=sys.stderr)
+        return contextlib.nullcontext()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         def show(done: int, total: int) -> None:
             line.update(f"{human_size(done)} of {human_size(total)} verified", done)
 
-        report = check_repository(repo, read_data=args.read_data, progress=show, subset=subset)
+        with _shared_lock(args, repo):
+            report = check_repository(repo, read_data=args.read_data, progress=show, subset=subset)
         line.close()
     if args.json:
         print_json(_report_json(report))

@@ -355,3 +355,18 @@ def test_checkout_holds_shared_lock(pruned_repo, cli_repo, run_cas, tmp_path):
     assert code == 0, stderr
     for rel, content in pruned_repo[snapshot_hex].items():
         assert (tmp_path / "out" / rel).read_bytes() == content
+
+
+def test_check_respects_exclusive_lock(cli_repo, run_cas, tmp_path):
+    """A check during gc's delete phase would report the packs gc deletes as missing."""
+    write_files(tmp_path / "src", {"a.bin": b"x" * 5000})
+    run_cas("snapshot", tmp_path / "src")
+    with (
+        library_repo(cli_repo) as repo,
+        RepositoryLock(repo.backend, repo.keys, exclusive=True, operation="gc"),
+    ):
+        refused = run_cas("check", expect=5)
+        unlocked = run_cas("check", "--no-lock")
+
+    assert "locked" in refused.stderr
+    assert "no problems found" in unlocked.stdout

@@ -116,7 +116,8 @@ class MasterKeys:
         id_key = field("id", KEY_SIZE)
         chunker_key = field("chunker", KEY_SIZE)
         public = field("x25519_public", KEY_SIZE)
-        assert index_key and id_key and chunker_key and public
+        assert index_key is not None and id_key is not None
+        assert chunker_key is not None and public is not None
         return cls(
             data_key=field("data", KEY_SIZE, optional=True),
             index_key=index_key,

@@ -256,7 +256,7 @@ class Index:
         return self.cache.get(blob_id)
 
     def has(self, blob_id: bytes) -> bool:
-        """Return whether some pack, published or pending, holds the blob."""
+        """Return whether some pack, published or pending, contains the blob."""
         return self.lookup(blob_id) is not None
 
     def add_pack(self, pack_id: bytes, entries: list[PackEntry]) -> None:

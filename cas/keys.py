@@ -133,7 +133,9 @@ def _kdf_of(body: dict[str, Any], name: str) -> KdfParams:
     for value, low, high in ((iterations, 1, 16), (lanes, 1, 16), (memory, 8, 1 << 20)):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise IntegrityError(f"key object {name} has out-of-range KDF parameters")
-    assert isinstance(iterations, int) and isinstance(lanes, int) and isinstance(memory, int)
+    assert isinstance(iterations, int)
+    assert isinstance(lanes, int)
+    assert isinstance(memory, int)
     if memory < 8 * lanes:
         raise IntegrityError(f"key object {name} has less KDF memory than its lanes need")
     return KdfParams(salt=salt, iterations=iterations, lanes=lanes, memory_kib=memory)

@@ -32,7 +32,7 @@ MAX_OBJECT_SIZE = 256 << 20
 
 
 class ObjectKind(IntEnum):
-    """What a sealed object holds."""
+    """Kind of content in a sealed object."""
 
     CONFIG = 1
     INDEX = 2
@@ -41,13 +41,13 @@ class ObjectKind(IntEnum):
 
 
 class KeyKind(IntEnum):
-    """Which secret seals an object."""
+    """Secret that seals an object."""
 
     DATA = 1
     INDEX = 2
 
 
-# Which secret seals each kind: readers of the index (every key, including
+# The secret that seals each kind. Readers of the index (every key, including
 # write-only keys) need config, index and locks; snapshots need the data key.
 _KEY_OF_KIND = {
     ObjectKind.CONFIG: KeyKind.INDEX,

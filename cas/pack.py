@@ -130,7 +130,7 @@ def blob_associated_data(
 class PackWriter:
     """Builds one pack in a reusable buffer; not thread-safe.
 
-    The buffer holds ``target_size`` bytes of blobs plus room for one more
+    The buffer has room for ``target_size`` bytes of blobs plus room for one more
     blob and the header, so `add` never reallocates. Call `finish` to get the
     bytes to upload, then `reset` to start the next pack in the same buffer.
     """

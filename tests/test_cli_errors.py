@@ -55,7 +55,7 @@ def _limit_open_files() -> None:
 
 
 def test_checkout_many_files_few_descriptors(cli_repo, run_cas, tmp_path):
-    """One pack holds chunks of thousands of small files; checkout must not open them all."""
+    """One pack contains chunks of thousands of small files; checkout must not open them all."""
     source = tmp_path / "src"
     source.mkdir()
     for number in range(1500):

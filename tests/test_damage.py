@@ -378,7 +378,7 @@ def test_flipped_snapshot_new_snapshot(stored, run_cas, tmp_path):
 
 
 def test_latest_warns_after_skipping(stored, run_cas, tmp_path):
-    """`latest` restores the newest readable snapshot, and says a newer one may be lost."""
+    """`latest` restores the newest readable snapshot and warns that a newer one may be lost."""
     (tmp_path / "second").mkdir()
     (tmp_path / "second" / "c.bin").write_bytes(b"second snapshot")
     second_id = json.loads(run_cas("snapshot", tmp_path / "second", "--json").stdout)["id"]

@@ -11,8 +11,6 @@ import os
 import random
 import shutil
 
-import pytest
-
 from cas.archiver import Archiver, SnapshotOptions
 from cas.index import INDEX_PREFIX, entries_to_list
 from cas.objects import ObjectKind, encode_object

@@ -1,7 +1,7 @@
 """Large files restored in order with direct I/O (`cas.streamrestore`).
 
 Files of `STREAM_MIN_SIZE` or more take this path, so these tests use files
-just above it, with the small test chunker so that each holds many chunks.
+just above it, with the small test chunker so that each has many chunks.
 """
 
 from __future__ import annotations

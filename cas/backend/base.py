@@ -1,6 +1,6 @@
 """The backend interface: named immutable objects on some storage.
 
-A backend knows nothing of encryption or formats. It stores byte strings
+A backend does not depend on encryption or formats. It stores byte strings
 under names such as ``data/3f/3f9a...`` and returns them, whole or by byte
 range. Every repository operation goes through this interface, so the local
 folder backend, the S3 backend and the fault-injecting test wrappers are
@@ -114,7 +114,7 @@ class Backend(ABC):
         """Release connections and threads; the default has nothing to release."""
 
     def location_exists(self) -> bool:
-        """Return whether the folder or bucket that holds the repository exists."""
+        """Return whether the folder or bucket that contains the repository exists."""
         return True
 
     def create_location(self) -> None:

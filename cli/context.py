@@ -139,7 +139,7 @@ def _strip_newline(data: bytes) -> bytes:
 
 # Commands that a write-only key may run. Every other command reads snapshots,
 # trees or chunks, or deletes data, so `open_repository` rejects a write-only key
-# for it before it does anything; commands added later are rejected by default.
+# for it before it does anything. Commands added later are rejected by default.
 WRITE_ONLY_COMMANDS = frozenset({"snapshot", "log", "key", "unlock", "watch"})
 
 

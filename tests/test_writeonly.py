@@ -268,7 +268,7 @@ def test_write_only_forged_cached_tree(cli_repo: CasEnv, run_cas: RunCas, tmp_pa
     cas_json(run_cas, "snapshot", source, env=writer)
     (entry_path,) = (writer_cache(writer)).rglob("parents/*")
     entry = msgpack.unpackb(entry_path.read_bytes())
-    # Claim a different size for a.bin in the cached tree, keeping the tree id.
+    # Rename a.bin to b.bin in the cached tree bytes but keep the tree id they claim.
     for pair in entry["trees"]:
         pair[1] = pair[1].replace(b"a.bin", b"b.bin")
     entry_path.write_bytes(msgpack.packb(entry, use_bin_type=True))
@@ -312,7 +312,7 @@ def test_check_finds_flipped_byte_in_write_only_pack(
     writer = add_writer(cli_repo)
     cas_json(run_cas, "snapshot", source, env=writer)
     assert cas_json(run_cas, "check", "--read-data")["ok"] is True
-    # The largest pack holds the chunks; flip one byte of its first blob.
+    # The largest pack contains the chunks; flip one byte of its first blob.
     pack = max(pack_files(cli_repo.repo), key=lambda path: path.stat().st_size)
     data = bytearray(pack.read_bytes())
     assert data[5] == KEY_MODE_X25519

@@ -279,6 +279,27 @@ def test_write_only_forged_cached_tree(cli_repo: CasEnv, run_cas: RunCas, tmp_pa
     assert done["unchanged_files"] == 0
 
 
+def test_write_only_record_needs_indexed_chunks(
+    cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    content = random.Random(12).randbytes(300_000)
+    (source / "a.bin").write_bytes(content)
+    writer = add_writer(cli_repo)
+    first = cas_json(run_cas, "snapshot", source, env=writer)
+    # The record and its trees stay valid, but the index no longer lists any chunk.
+    for index_object in (cli_repo.repo / "index").iterdir():
+        index_object.unlink()
+    again = cas_json(run_cas, "snapshot", source, env=writer)
+    assert again["parent"] == first["id"]
+    assert again["unchanged_files"] == 0
+    assert again["bytes_read"] == len(content)
+    assert int(str(again["new_chunks"])) > 0
+    run_cas("checkout", str(again["id"]), tmp_path / "restored")
+    assert (tmp_path / "restored" / "a.bin").read_bytes() == content
+
+
 def test_write_only_after_owner_prune_and_gc(
     cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path
 ) -> None:

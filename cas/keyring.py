@@ -174,6 +174,9 @@ def _remove_locked(backend: Backend, name: str) -> KeyInfo:
 
 def _other_full_keys(backend: Backend, name: str) -> list[str]:
     """Return the names of readable full key objects other than ``name``."""
+    # NOTE: the write_only flag is read without a password. A key object whose flag
+    # was changed on the storage no longer opens (the flag is in its associated
+    # data), but it still counts here as a full key.
     others = []
     for other in list_key_names(backend):
         if other == name:

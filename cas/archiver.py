@@ -38,12 +38,13 @@ import blake3
 from cas import __version__
 from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
-from cas.errors import CasError, NotFoundError, UsageError
+from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
 from cas.locks import RepositoryLock
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot
 from cas.tree import Node, encode_tree
+from cas.writeonly import LocalTreeCache
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class Archiver:
         self._last_progress = 0.0
         # (device, inode) -> node of a file with several hard links, read once.
         self._hardlinks: dict[tuple[int, int], Node] = {}
+        # A write-only key cannot read trees back, so its parent comes from local disk.
+        self.local_trees = LocalTreeCache(repo) if repo.keys.write_only else None
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -279,6 +282,8 @@ class Archiver:
                 raise
             lock.check_held()
             snapshot, snapshot_size = self._write_snapshot(sources, host, parent, root_id)
+        if self.local_trees is not None:
+            self.local_trees.save(sources, host, self.options.part, snapshot)
         bytes_added = writer.bytes_uploaded + self.repo.index.bytes_written + snapshot_size
         self._report(force=True)
         return SnapshotResult(
@@ -295,6 +300,13 @@ class Archiver:
         )
 
     def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:
+        if self.local_trees is not None and self.options.parent:
+            raise WriteOnlyKeyError.for_action(
+                "read the --parent snapshot; leave --parent out, and the local record of the "
+                "last snapshot of these paths serves as the parent"
+            )
+        if self.local_trees is not None:
+            return self.local_trees.find_parent(sources, host, self.options.part)
         if self.options.parent:
             return self.repo.resolve_snapshot(self.options.parent)
         snapshots = self.repo.list_snapshots()
@@ -376,6 +388,8 @@ class Archiver:
         if not tree_id:
             return {}
         try:
+            if self.local_trees is not None:
+                return {node.name: node for node in self.local_trees.load_tree(tree_id)}
             return {node.name: node for node in self.repo.load_tree(tree_id)}
         except CasError as exc:
             self._warn(f"cannot read the parent snapshot's tree, reading all files: {exc}")
@@ -385,6 +399,8 @@ class Archiver:
         payload = encode_tree(nodes)
         tree_id = self.repo.keys.blob_id(payload)
         writer.add_tree(tree_id, payload)
+        if self.local_trees is not None:
+            self.local_trees.record_tree(tree_id, payload)
         return tree_id
 
     def _store_path(

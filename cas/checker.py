@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cas.crypto import TAG_SIZE
-from cas.errors import CasError, IntegrityError, UsageError
+from cas.errors import CasError, IntegrityError, UsageError, WriteOnlyKeyError
 from cas.index import INDEX_PREFIX, BlobLocation, decode_index_body, pack_name
 from cas.objects import ObjectKind, read_object
 from cas.pack import (
@@ -207,6 +207,8 @@ def check_repository(
     With ``subset``, data is read for the selected packs only (``read_data`` is
     implied); the structure and pack headers are still checked for every pack.
     """
+    if repo.keys.write_only:
+        raise WriteOnlyKeyError.for_action("check the repository, which reads snapshots and trees")
     report = CheckReport()
     usage = _Usage()
     _check_index_objects(repo, report)

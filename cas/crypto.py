@@ -9,7 +9,8 @@ key:
 - ``id_key`` keys BLAKE3 for chunk ids, tree ids and snapshot ids;
 - ``chunker_key`` derives the chunker's 64-bit gear table seed;
 - ``x25519_private`` / ``x25519_public`` let writers without the data key
-  encrypt to the repository (used by write-only keys).
+  (write-only keys) encrypt blobs and snapshot objects to the repository; only
+  a full key contains the private half and can open them.
 
 AES-256-GCM seals everything. Nonce rules, so that no (key, nonce) pair ever
 repeats:
@@ -18,6 +19,15 @@ repeats:
   random 32-byte salt and the pack id; the blob at byte offset o of the pack
   uses the 96-bit nonce o, and offsets are unique within a pack. Two packs
   share a key only if their random 256-bit salts collide.
+- Blobs of a write-only writer (pack key mode 2): each pack draws a fresh
+  ephemeral X25519 key pair, and its blob key is HKDF-SHA256 over the X25519
+  shared secret, with salt = ephemeral public key || repository public key and
+  info naming the pack id. A new ephemeral private key per pack gives a new
+  shared secret per pack, so each derived key seals the blobs of one pack
+  only, and offsets keep the nonces apart within it, as in mode 1.
+- Snapshot objects of a write-only writer: a fresh ephemeral key pair per
+  object, so each derived key seals exactly one message and its random nonce
+  cannot collide with another under the same key.
 - Pack headers: a second HKDF subkey per pack from the index key; nonce 0,
   used once.
 - Sealed objects (config, index, snapshot, lock): a random 96-bit nonce under
@@ -30,20 +40,20 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import blake3
 import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cas.errors import IntegrityError
+from cas.errors import IntegrityError, WriteOnlyKeyError
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -54,6 +64,8 @@ ID_SIZE = 32
 _CHUNKER_SEED_CONTEXT = b"cas chunker seed v1"
 _PACK_DATA_INFO = b"cas pack data v1"
 _PACK_HEADER_INFO = b"cas pack header v1"
+_PACK_X25519_INFO = b"cas pack x25519 v1"
+_OBJECT_X25519_INFO = b"cas object x25519 v1"
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,10 @@ class MasterKeys:
             x25519_private=private_raw,
             x25519_public=public,
         )
+
+    def write_only_copy(self) -> MasterKeys:
+        """Return the key set of a write-only key: without the data key and X25519 private key."""
+        return replace(self, data_key=None, x25519_private=None)
 
     @property
     def write_only(self) -> bool:
@@ -188,6 +204,56 @@ def pack_data_key(data_key: bytes, salt: bytes, pack_id: bytes) -> bytes:
 def pack_header_key(index_key: bytes, salt: bytes, pack_id: bytes) -> bytes:
     """Return the per-pack header key, derived from the index key."""
     return hkdf(index_key, salt, _PACK_HEADER_INFO + pack_id)
+
+
+def x25519_sender_key(recipient_public: bytes, info: bytes) -> tuple[bytes, bytes]:
+    """Return (ephemeral public key, derived key) for sealing to ``recipient_public``.
+
+    The key is HKDF-SHA256 over the X25519 shared secret of a new ephemeral key
+    pair, with salt = ephemeral public key || recipient public key, so the key
+    is bound to both public keys as well as to ``info``.
+    """
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+    return ephemeral_public, hkdf(shared, ephemeral_public + recipient_public, info)
+
+
+def x25519_recipient_key(
+    keys: MasterKeys, ephemeral_public: bytes, info: bytes, what: str
+) -> bytes:
+    """Return the key that `x25519_sender_key` derived, using the repository's private key."""
+    if keys.x25519_private is None:
+        raise WriteOnlyKeyError.for_action(f"open {what}")
+    private = X25519PrivateKey.from_private_bytes(keys.x25519_private)
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError:
+        # A low-order point gives an all-zero secret, which `cryptography` rejects.
+        raise IntegrityError(f"{what} has an invalid ephemeral X25519 public key") from None
+    return hkdf(shared, ephemeral_public + keys.x25519_public, info)
+
+
+def pack_x25519_writer_key(public: bytes, pack_id: bytes) -> tuple[bytes, bytes]:
+    """Return (ephemeral public key, blob key) of a new key mode 2 pack."""
+    return x25519_sender_key(public, _PACK_X25519_INFO + pack_id)
+
+
+def pack_x25519_key(keys: MasterKeys, ephemeral_public: bytes, pack_id: bytes) -> bytes:
+    """Return the blob key of a key mode 2 pack from its prologue's ephemeral public key."""
+    info = _PACK_X25519_INFO + pack_id
+    return x25519_recipient_key(keys, ephemeral_public, info, f"pack {pack_id.hex()}")
+
+
+def object_x25519_writer_key(public: bytes, name: str) -> tuple[bytes, bytes]:
+    """Return (ephemeral public key, key) to seal the object ``name`` to the public key."""
+    return x25519_sender_key(public, _OBJECT_X25519_INFO + name.encode())
+
+
+def object_x25519_key(keys: MasterKeys, ephemeral_public: bytes, name: str) -> bytes:
+    """Return the key of an object sealed to the public key, from its ephemeral public key."""
+    info = _OBJECT_X25519_INFO + name.encode()
+    return x25519_recipient_key(keys, ephemeral_public, info, f"object {name}")
 
 
 def counter_nonce(counter: int) -> bytes:

@@ -55,6 +55,14 @@ class NoSpaceError(BackendError):
 class WriteOnlyKeyError(UsageError):
     """The operation needs to read data, but the key can only write."""
 
+    @classmethod
+    def for_action(cls, action: str) -> WriteOnlyKeyError:
+        """Return the error for a refused ``action``, such as ``"check out snapshots"``."""
+        return cls(
+            f"this key is write-only: it can add snapshots but cannot {action}; open the "
+            f"repository with a full key (the owner's password) for that"
+        )
+
 
 class VerificationFailedError(CasError):
     """A user's verification command failed on restored files."""

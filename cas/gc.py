@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from cas.errors import CasError, IntegrityError, LockedError, NotFoundError
+from cas.errors import CasError, IntegrityError, LockedError, NotFoundError, WriteOnlyKeyError
 from cas.index import INDEX_PREFIX, entries_to_list, pack_name
 from cas.locks import RepositoryLock
 from cas.objects import ObjectKind, encode_object
@@ -217,6 +217,8 @@ class GarbageCollector:
     """
 
     def __init__(self, repo: Repository, options: GcOptions | None = None) -> None:
+        if repo.keys.write_only:
+            raise WriteOnlyKeyError.for_action("run gc, which reads and deletes data")
         self.repo = repo
         self.options = options or GcOptions()
         self.marker = _Marker(repo)

@@ -51,6 +51,11 @@ class KeyInfo:
     user: str
     write_only: bool
 
+    @property
+    def key_hex(self) -> str:
+        """The key id: the hex part of the object name."""
+        return self.name[len(KEY_PREFIX) :]
+
 
 def local_user() -> str:
     """Return the login name of the current user, or the uid when there is none."""
@@ -61,17 +66,27 @@ def local_user() -> str:
 
 
 def write_key(
-    backend: Backend, keys: MasterKeys, password: bytes, kdf: KdfParams | None = None
+    backend: Backend,
+    keys: MasterKeys,
+    password: bytes,
+    kdf: KdfParams | None = None,
+    *,
+    user: str | None = None,
+    host: str | None = None,
 ) -> KeyInfo:
-    """Wrap ``keys`` with ``password`` into a new key object and store it."""
+    """Wrap ``keys`` with ``password`` into a new key object and store it.
+
+    ``user`` and ``host`` label the key object; they default to this process's
+    login name and host name.
+    """
     params = kdf or KdfParams(salt=os.urandom(16))
     key_hex = os.urandom(32).hex()
     name = KEY_PREFIX + key_hex
     info = KeyInfo(
         name=name,
         created=datetime.now().astimezone().isoformat(),
-        host=socket.gethostname(),
-        user=local_user(),
+        host=socket.gethostname() if host is None else host,
+        user=local_user() if user is None else user,
         write_only=keys.write_only,
     )
     public = _public_fields(params, info.created, info.host, info.user, info.write_only)

@@ -17,6 +17,12 @@ full contract):
     H+L     4     L, the sealed header's length
     H+L+4   4     magic b"CASE"
 
+In key mode 1 the blob key is HKDF(data key, salt, pack id); in key mode 2 it
+is HKDF over the X25519 secret of the ephemeral key and the repository key
+(see `cas.crypto.pack_x25519_key`), so a writer without the data key can seal
+blobs that only the holder of the X25519 private key opens. The header key is
+HKDF(index key, bytes 8..40, pack id) in both modes.
+
 Each header entry is ``[blob_id, type, codec, filter, offset, stored_size,
 raw_size]``. A blob at offset o is sealed with nonce o under the pack's blob
 key (offsets are unique within a pack, and each pack has its own key),
@@ -46,6 +52,8 @@ from cas.crypto import (
     pack_data_key,
     pack_header_key,
     pack_msgpack,
+    pack_x25519_key,
+    pack_x25519_writer_key,
     unpack_msgpack,
 )
 from cas.errors import IntegrityError, UnsupportedFormatError, WriteOnlyKeyError
@@ -150,13 +158,19 @@ class PackWriter:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new pack with a fresh id and salt."""
+        """Start a new pack with a fresh id and salt (or ephemeral X25519 public key)."""
         self.pack_id = os.urandom(ID_SIZE)
-        self._salt = os.urandom(32)
+        # Without the data key, seal to the repository's public key (key mode 2).
         if self.keys.data_key is None:
-            raise WriteOnlyKeyError("write-only keys cannot write packs in key mode 1")
-        self._aead = AESGCM(pack_data_key(self.keys.data_key, self._salt, self.pack_id))
-        prologue = PACK_MAGIC + bytes([PACK_VERSION, KEY_MODE_DATA, 0, 0]) + self._salt
+            key_mode = KEY_MODE_X25519
+            self._salt, blob_key = pack_x25519_writer_key(self.keys.x25519_public, self.pack_id)
+        else:
+            key_mode = KEY_MODE_DATA
+            self._salt = os.urandom(32)
+            blob_key = pack_data_key(self.keys.data_key, self._salt, self.pack_id)
+        self.key_mode = key_mode
+        self._aead = AESGCM(blob_key)
+        prologue = PACK_MAGIC + bytes([PACK_VERSION, key_mode, 0, 0]) + self._salt
         self._view[:PROLOGUE_SIZE] = prologue
         self._offset = PROLOGUE_SIZE
         self.entries: list[PackEntry] = []
@@ -306,12 +320,16 @@ class BlobOpener:
 
     def __init__(self, keys: MasterKeys, pack_id: bytes, key_mode: int, salt: bytes) -> None:
         if keys.data_key is None:
-            raise WriteOnlyKeyError("this key is write-only and cannot read data")
-        if key_mode != KEY_MODE_DATA:
+            raise WriteOnlyKeyError.for_action("read chunks or trees")
+        if key_mode == KEY_MODE_DATA:
+            blob_key = pack_data_key(keys.data_key, salt, pack_id)
+        elif key_mode == KEY_MODE_X25519:
+            blob_key = pack_x25519_key(keys, salt, pack_id)
+        else:
             raise UnsupportedFormatError(f"pack {pack_id.hex()} uses key mode {key_mode}")
         self.keys = keys
         self.pack_id = pack_id
-        self._aead = AESGCM(pack_data_key(keys.data_key, salt, pack_id))
+        self._aead = AESGCM(blob_key)
 
     def open(
         self,

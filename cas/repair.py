@@ -31,7 +31,7 @@ import blake3
 from cas.archiver import deep_recursion
 from cas.blobstore import BlobWriter
 from cas.checker import check_repository
-from cas.errors import CasError, NotFoundError
+from cas.errors import CasError, NotFoundError, WriteOnlyKeyError
 from cas.index import INDEX_PREFIX, entries_to_list, pack_name
 from cas.locks import RepositoryLock
 from cas.objects import ObjectKind, encode_object
@@ -91,6 +91,8 @@ def _stored_packs(repo: Repository) -> Iterator[tuple[bytes, int]]:
 
 def rebuild_index(repo: Repository, dry_run: bool = False) -> IndexRepairResult:
     """Replace every index object by one built from the pack headers; rebuild the cache."""
+    if repo.keys.write_only:
+        raise WriteOnlyKeyError.for_action("repair the index, which deletes index objects")
     with RepositoryLock(repo.backend, repo.keys, exclusive=True, operation="repair index"):
         result = IndexRepairResult()
         packs: list[tuple[bytes, list[PackEntry]]] = []
@@ -264,6 +266,8 @@ def repair_snapshots(repo: Repository, dry_run: bool = False) -> list[SnapshotRe
     With ``dry_run`` nothing is written or deleted, and the returned records
     have no ``new_hex``.
     """
+    if repo.keys.write_only:
+        raise WriteOnlyKeyError.for_action("repair snapshots, which reads them")
     with (
         deep_recursion(),
         RepositoryLock(repo.backend, repo.keys, exclusive=True, operation="repair snapshots"),

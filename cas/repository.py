@@ -135,6 +135,8 @@ class Repository:
         self._openers: OrderedDict[bytes, BlobOpener] = OrderedDict()
         # Hex ids of the snapshot objects the last `list_snapshots` could not load.
         self.skipped_snapshots: list[str] = []
+        # Name of the key object that the password opened; None when opened otherwise.
+        self.key_name: str | None = None
 
     # Opening and creating
 
@@ -175,9 +177,11 @@ class Repository:
         # `open` reports as a repository without keys, and `init` refuses to reuse.
         data = encode_object(keys, ObjectKind.CONFIG, CONFIG_NAME, config.to_body())
         backend.put(CONFIG_NAME, data)
-        write_key(backend, keys, password, kdf)
+        key = write_key(backend, keys, password, kdf)
         log.info("created repository %s", backend.url)
-        return cls(backend, keys, config, cache_dir or default_cache_dir())
+        repo = cls(backend, keys, config, cache_dir or default_cache_dir())
+        repo.key_name = key.name
+        return repo
 
     @classmethod
     def open(
@@ -203,10 +207,12 @@ class Repository:
                 f"no repository at {backend.url}: run `cas init` there first, "
                 f"or check the -r/--repo value"
             )
-        keys, _key_name = unlock(backend, password)
+        keys, key_name = unlock(backend, password)
         body = read_object(backend, keys, ObjectKind.CONFIG, CONFIG_NAME)
         config = RepoConfig.from_body(body)
-        return cls(backend, keys, config, cache_dir or default_cache_dir())
+        repo = cls(backend, keys, config, cache_dir or default_cache_dir())
+        repo.key_name = key_name
+        return repo
 
     def close(self) -> None:
         """Close the index cache and the backend."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cas.snapshot import Snapshot
+from cas.writeonly import SealedSnapshot, list_sealed_snapshots
 
 from .context import open_repository, print_json
 
@@ -44,6 +45,8 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     """Print the snapshots."""
     with open_repository(args) as repo:
+        if repo.keys.write_only:
+            return run_write_only(args, list_sealed_snapshots(repo))
         snapshots = [s for s in repo.list_snapshots() if set(args.tag) <= set(s.tags)]
     snapshots.reverse()
     if args.json:
@@ -56,3 +59,34 @@ def run(args: argparse.Namespace) -> int:
         if snapshot.message:
             print(f"    {snapshot.message}")
     return 0
+
+
+def run_write_only(args: argparse.Namespace, sealed: list[SealedSnapshot]) -> int:
+    """Print the snapshots for a write-only key, which cannot open snapshot objects.
+
+    Snapshots that this machine's key wrote show in full, from its local record;
+    every other one shows its id only. With --tag, only recorded snapshots can match.
+    """
+    shown = [
+        item
+        for item in sealed
+        if not args.tag or (item.snapshot and set(args.tag) <= set(item.snapshot.tags))
+    ]
+    if args.json:
+        print_json([_sealed_json(item) for item in shown])
+        return 0
+    for item in shown:
+        if item.snapshot is None:
+            print(f"{item.snapshot_hex[:16]}  (sealed: a full key can read it)")
+            continue
+        snapshot = item.snapshot
+        paths = ", ".join(path.decode(errors="replace") for path in snapshot.paths)
+        tags = f" [{', '.join(snapshot.tags)}]" if snapshot.tags else ""
+        print(f"{snapshot.snapshot_hex[:16]}  {snapshot.time[:19]}  {snapshot.host}  {paths}{tags}")
+    return 0
+
+
+def _sealed_json(item: SealedSnapshot) -> dict[str, object]:
+    if item.snapshot is None:
+        return {"id": item.snapshot_hex, "readable": False, "time": None}
+    return {**snapshot_json(item.snapshot), "readable": False, "from_local_record": True}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cas.errors import UsageError
+from cas.errors import UsageError, WriteOnlyKeyError
 from cas.repository import Repository
 
 
@@ -137,9 +137,24 @@ def _strip_newline(data: bytes) -> bytes:
     return password
 
 
+# Commands that a write-only key may run. Every other command reads snapshots,
+# trees or chunks, or deletes data, so `open_repository` rejects a write-only key
+# for it before it does anything. Commands added later are rejected by default.
+WRITE_ONLY_COMMANDS = frozenset({"snapshot", "log", "key", "unlock", "watch"})
+
+
 def open_repository(args: argparse.Namespace) -> Repository:
-    """Open the repository named by the global options."""
-    return Repository.open(repo_url(args), read_password(args), cache_dir=cache_dir(args))
+    """Open the repository named by the global options.
+
+    Raises `WriteOnlyKeyError` when the password opens a write-only key and the
+    command is not in `WRITE_ONLY_COMMANDS`.
+    """
+    repo = Repository.open(repo_url(args), read_password(args), cache_dir=cache_dir(args))
+    command = getattr(args, "command", None)
+    if repo.keys.write_only and command not in WRITE_ONLY_COMMANDS:
+        repo.close()
+        raise WriteOnlyKeyError.for_action(f"run `cas {command}`, which reads or deletes data")
+    return repo
 
 
 def print_json(value: Any) -> None:

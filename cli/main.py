@@ -28,6 +28,7 @@ from . import (
     cmd_debug,
     cmd_gc,
     cmd_init,
+    cmd_key,
     cmd_log,
     cmd_ls,
     cmd_prune,
@@ -60,6 +61,7 @@ _COMMANDS = [
     cmd_prune,
     cmd_gc,
     cmd_unlock,
+    cmd_key,
     cmd_debug,
 ]
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from cas.chunker import DEFAULT_PARAMS, ChunkerParams
-from cas.codecs import DEFAULT_COMPRESSION, Compression, parse_byte_group, parse_codec
+from cas.codecs import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    default_byte_group,
+    parse_byte_group,
+    parse_codec,
+)
 from cas.copy import keys_sharing_ids
 from cas.crypto import MasterKeys
 from cas.errors import UsageError
@@ -64,7 +70,7 @@ def register(
         default=None,
         metavar="RULE",
         help="auto: group the bytes of chunks whose float element size is known before "
-        f"compressing them; off: never (default {DEFAULT_COMPRESSION.byte_group})",
+        "compressing them; off: never (default: auto with zstd, off with lz4 and none)",
     )
     parser.set_defaults(run=run)
 
@@ -74,7 +80,7 @@ def _compression(args: argparse.Namespace) -> Compression:
     codec, level = DEFAULT_COMPRESSION.codec, DEFAULT_COMPRESSION.level
     if args.compression is not None:
         codec, level = parse_codec(args.compression)
-    byte_group = DEFAULT_COMPRESSION.byte_group
+    byte_group = default_byte_group(codec)
     if args.byte_group is not None:
         byte_group = parse_byte_group(args.byte_group, allow_always=False)
     return Compression(codec, level, byte_group)

@@ -407,3 +407,21 @@ def test_cli_zstd_into_v1_repository(cas_env: CasEnv, run_cas: RunCas, tmp_path:
     assert "needs repository format version 2" in result.stderr
     run_cas("snapshot", tmp_path / "src", env=env)
     run_cas("check", "--read-data", env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "compression", "byte_group"),
+    [
+        ([], "lz4", "off"),
+        (["--compression", "zstd"], "zstd:1", "auto"),
+        (["--compression", "zstd:7", "--byte-group", "off"], "zstd:7", "off"),
+        (["--compression", "none"], "none", "off"),
+    ],
+)
+def test_cli_init_defaults(cas_env: CasEnv, run_cas: RunCas, args, compression, byte_group):
+    init = cas_json(run_cas, "init", *args)
+    assert init["compression"] == compression
+    assert init["byte_group"] == byte_group
+    with Repository.open(str(cas_env.repo), cas_env.password.encode()) as repo:
+        assert str(repo.config.compression) == compression
+        assert repo.config.compression.byte_group == byte_group

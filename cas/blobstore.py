@@ -182,7 +182,7 @@ class BlobWriter:
         """Store a chunk unless present; return whether it was new.
 
         ``element_size`` is the byte size of the chunk's array elements when the
-        chunker knows it (2 for bf16 and fp16, 4 for fp32, 8 for fp64), else 0.
+        chunker reports it (2 for bf16 and fp16, 4 for fp32, 8 for fp64), else 0.
         With byte grouping on, it selects the byte-grouping filter.
         """
         if self.has(chunk_id):

@@ -60,8 +60,8 @@ class Compression:
     """How a writer encodes blobs: codec, zstd level and the byte-grouping rule.
 
     ``byte_group`` is ``"auto"`` (group chunks whose element size the chunker
-    knows), ``"off"``, or ``"always:K"`` (group every chunk with element size K
-    unless the chunker knows another one).
+    reports), ``"off"``, or ``"always:K"`` (group every chunk with element size K
+    unless the chunker reports another one).
     """
 
     codec: Codec = Codec.LZ4
@@ -92,12 +92,12 @@ class Compression:
 LEGACY_COMPRESSION = Compression(Codec.LZ4, 0, BYTE_GROUP_OFF)
 # The compression of a new repository. zstd with byte grouping saved 15 % of fp32
 # and 31 % of bf16 weights but cost 80 % more snapshot CPU, so lz4 stays the
-# default; docs/benchmarks.md has the measurements.
+# default. docs/benchmarks.md has the measurements.
 DEFAULT_COMPRESSION = Compression(Codec.LZ4, 0, BYTE_GROUP_OFF)
 
 
 def default_byte_group(codec: Codec) -> str:
-    """Return the byte-grouping rule that `cas init` pairs with ``codec`` unless told otherwise.
+    """Return the byte-grouping rule that `cas init` pairs with ``codec`` without --byte-group.
 
     Grouping pays with zstd, whose entropy coder uses the repetitive exponent bytes.
     With lz4 it gained half as much for about the same CPU, so it stays off there.
@@ -234,7 +234,7 @@ class BlobEncoder:
         """Return (payload, codec, filter), or None when the blob is best stored raw.
 
         ``element_size`` 2, 4 or 8 groups the bytes first. The result is None
-        when the codec is none or the payload would not be shorter than ``data``.
+        for `Codec.NONE`, and when the payload would not be shorter than ``data``.
         """
         if self.codec == Codec.NONE:
             return None

@@ -397,7 +397,7 @@ class GarbageCollector:
             BlobType.CHUNK: PackWriter(keys, config.pack_size, config.chunker.max_size),
             BlobType.TREE: PackWriter(keys, _TREE_PACK_SIZE, MAX_BLOB_RAW_SIZE),
         }
-        # A copied blob keeps its codec and filter; a zstd blob gets the config's
+        # A copied blob keeps its codec and filter. A zstd blob gets the config's
         # level, or the default level when the config's codec is another one.
         level = config.compression.level or DEFAULT_ZSTD_LEVEL
         encoders = {

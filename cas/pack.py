@@ -34,11 +34,16 @@ import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
-import lz4.block
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from cas.codecs import FILTER_NONE, Codec, check_codec_and_filter, decode_payload
+from cas.codecs import (
+    FILTER_NONE,
+    Codec,
+    check_codec_and_filter,
+    compress_payload,
+    decode_payload,
+)
 from cas.crypto import (
     ID_SIZE,
     TAG_SIZE,
@@ -222,7 +227,7 @@ def _round_up(size: int) -> int:
 
 def compress(data: bytes | bytearray | memoryview) -> bytes | None:
     """Return the lz4 block of ``data``, or None when it would not shrink it."""
-    packed: bytes = lz4.block.compress(data, store_size=False)
+    packed = compress_payload(data, Codec.LZ4, 0)
     if len(packed) >= len(data):
         return None
     return packed

@@ -425,3 +425,39 @@ def test_cli_init_defaults(cas_env: CasEnv, run_cas: RunCas, args, compression, 
     with Repository.open(str(cas_env.repo), cas_env.password.encode()) as repo:
         assert str(repo.config.compression) == compression
         assert repo.config.compression.byte_group == byte_group
+
+
+def test_cli_copy_keeps_grouping(cas_env: CasEnv, run_cas: RunCas, tmp_path: Path):
+    """A copy groups a chunk as its source filter did, unless the target has grouping off."""
+    Repository.init(
+        str(cas_env.repo),
+        cas_env.password.encode(),
+        cache_dir=cas_env.cache,
+        chunker=SMALL_CHUNKER,
+        kdf=fast_kdf(),
+        compression=Compression(Codec.ZSTD, 1, "auto"),
+    ).close()
+    source = tmp_path / "src"
+    files = write_model_folder(source)
+    run_cas("snapshot", source, "--byte-group", "always:4")
+    targets = {"grouped": Compression(Codec.ZSTD, 1, "auto"), "plain": LEGACY_COMPRESSION}
+    filters = {}
+    for name, compression in targets.items():
+        target = tmp_path / name
+        Repository.init(
+            str(target),
+            b"target",
+            cache_dir=tmp_path / "tc",
+            kdf=fast_kdf(),
+            compression=compression,
+        ).close()
+        run_cas("copy", "--to", target, env={**cas_env.env, "CAS_TO_PASSWORD": "target"})
+        env = {**cas_env.env, "CAS_REPOSITORY": str(target), "CAS_PASSWORD": "target"}
+        run_cas("check", "--read-data", env=env)
+        run_cas("checkout", "latest", tmp_path / f"out-{name}", env=env)
+        assert {n: (tmp_path / f"out-{name}" / n).read_bytes() for n in files} == files
+        with Repository.open(str(target), b"target", cache_dir=tmp_path / "tc") as repo:
+            repo.index.sync()
+            filters[name] = {location.filter for _id, location in repo.index.cache.items()}
+    assert 4 in filters["grouped"]
+    assert filters["plain"] == {0}

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import zstandard
 from conftest import SMALL_CHUNKER, CasEnv, RunCas, fast_kdf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cas.blobstore import BlobWriter
 from cas.codecs import (
@@ -223,6 +225,32 @@ def test_zstd_garbage_payload(repo):
     opener, blob_id, entry, stored = sealed_blob(repo, plain, b"\x00" * 40, Codec.ZSTD, 0)
     with pytest.raises(IntegrityError, match="no valid zstd frame header"):
         opener.open(blob_id, 0, Codec.ZSTD, 0, 1000, entry.offset, stored)
+
+
+_FUZZ_PLAIN = float_weights(20000, seed=9)
+_FUZZ_PAYLOADS = {
+    codec: compress_payload(group_bytes(_FUZZ_PLAIN, 4, bytearray(20000)), codec, 1)
+    for codec in (Codec.LZ4, Codec.ZSTD)
+}
+
+
+@settings(max_examples=300, deadline=2000)
+@given(
+    codec=st.sampled_from([Codec.LZ4, Codec.ZSTD]),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(0, 8),
+)
+def test_decoder_survives_corrupt_payload(codec, flips, cut):
+    """Damage that got past authentication (a buggy writer) gives exact output or an error."""
+    payload = bytearray(_FUZZ_PAYLOADS[codec])
+    for position, mask in flips:
+        payload[position % len(payload)] ^= mask
+    damaged = bytes(payload[: len(payload) - cut])
+    try:
+        plain = decode_payload(damaged, codec, 4, len(_FUZZ_PLAIN), "blob")
+    except IntegrityError:
+        return
+    assert len(plain) == len(_FUZZ_PLAIN)
 
 
 def test_wrong_filter_fails_id_check(repo):

@@ -38,6 +38,7 @@ import blake3
 from cas import __version__
 from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
+from cas.codecs import Compression
 from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
 from cas.locks import RepositoryLock
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
@@ -68,6 +69,8 @@ class SnapshotOptions:
     host: str = ""
     # Non-empty: store the paths as the part of this name of a sharded checkpoint.
     part: str = ""
+    # The encoding of new blobs; None takes the repository config's.
+    compression: Compression | None = None
 
 
 @dataclass
@@ -273,7 +276,9 @@ class Archiver:
             self.repo.index.sync()
             # If the lock is lost (a paused process taken for stale, or cas unlock),
             # a gc may have deleted packs this run wrote or reused: publish nothing.
-            writer = BlobWriter(self.repo, self.threads > 1, lock.check_held)
+            writer = BlobWriter(
+                self.repo, self.threads > 1, lock.check_held, self.options.compression
+            )
             try:
                 root_id = self._store_roots(sources, parent, writer)
                 writer.finish()

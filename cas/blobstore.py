@@ -18,8 +18,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cas.codecs import FILTER_NONE, BlobEncoder, Codec, Compression
 from cas.index import pack_name
-from cas.pack import MAX_BLOB_RAW_SIZE, BlobType, Codec, PackWriter, compress
+from cas.pack import MAX_BLOB_RAW_SIZE, BlobType, PackWriter
 from cas.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 # Compression is tried on the first chunk of every window of this many chunks;
 # when it saves less than `_MIN_SAVING`, the rest of the window is stored raw.
 # lz4 saves about 0.4 % on fp32 weights, so trying every chunk would cost
-# 1.5 GB/s of CPU for nothing.
+# 1.5 GB/s of CPU for nothing. Chunks of each element size have their own
+# window, because byte grouping changes what compression saves.
 _SAMPLE_WINDOW = 32
 _MIN_SAVING = 0.03
 # Publish an index object after this many packs, so an interrupted long
@@ -129,6 +131,7 @@ class BlobWriter:
         repo: Repository,
         threaded: bool,
         before_publish: Callable[[], None] | None = None,
+        compression: Compression | None = None,
     ) -> None:
         self.repo = repo
         self.index = repo.index
@@ -136,6 +139,9 @@ class BlobWriter:
         self._before_publish = before_publish or (lambda: None)
         self.stats = WriteStats()
         max_blob = repo.config.chunker.max_size
+        self.compression = compression or repo.config.compression
+        repo.config.check_writable(self.compression)
+        self._encoder = BlobEncoder(self.compression.codec, self.compression.level, max_blob)
         self._uploader = _Uploader(repo, threaded)
         self._data_writers = [
             PackWriter(repo.keys, repo.config.pack_size, max_blob) for _ in range(2)
@@ -143,8 +149,8 @@ class BlobWriter:
         self._data = self._data_writers[0]
         self._trees = PackWriter(repo.keys, 4 << 20, MAX_BLOB_RAW_SIZE)
         self._written: set[bytes] = set()
-        self._window_left = 0
-        self._compress_window = True
+        # Per element size: chunks left in the sampling window, and whether to compress them.
+        self._windows: dict[int, tuple[int, bool]] = {}
         self._packs_since_flush = 0
 
     @property
@@ -154,32 +160,39 @@ class BlobWriter:
 
     def reset_sampling(self) -> None:
         """Start a new compression sample; called at the start of each file."""
-        self._window_left = 0
+        self._windows.clear()
 
-    def _compress_sampled(self, payload: memoryview) -> bytes | None:
-        if self._window_left == 0:
-            self._window_left = _SAMPLE_WINDOW
-            packed = compress(payload)
-            saved = 0.0 if packed is None else 1 - len(packed) / max(1, len(payload))
-            self._compress_window = saved >= _MIN_SAVING
-            self._window_left -= 1
-            return packed if self._compress_window else None
-        self._window_left -= 1
-        return compress(payload) if self._compress_window else None
+    def _encode_sampled(
+        self, payload: memoryview, element_size: int
+    ) -> tuple[bytes, Codec, int] | None:
+        left, compressing = self._windows.get(element_size, (0, True))
+        if left == 0:
+            encoded = self._encoder.encode(payload, element_size)
+            saved = 0.0 if encoded is None else 1 - len(encoded[0]) / max(1, len(payload))
+            self._windows[element_size] = (_SAMPLE_WINDOW - 1, saved >= _MIN_SAVING)
+            return encoded if saved >= _MIN_SAVING else None
+        self._windows[element_size] = (left - 1, compressing)
+        return self._encoder.encode(payload, element_size) if compressing else None
 
     def has(self, blob_id: bytes) -> bool:
         """Return whether the repository or this run already stores the blob."""
         return blob_id in self._written or self.index.has(blob_id)
 
-    def add_chunk(self, chunk_id: bytes, payload: memoryview) -> bool:
-        """Store a chunk unless present; return whether it was new."""
+    def add_chunk(self, chunk_id: bytes, payload: memoryview, element_size: int = 0) -> bool:
+        """Store a chunk unless present; return whether it was new.
+
+        ``element_size`` is the byte size of the chunk's array elements when the
+        chunker reports it (2 for bf16 and fp16, 4 for fp32, 8 for fp64), else 0.
+        With byte grouping on, it selects the byte-grouping filter.
+        """
         if self.has(chunk_id):
             return False
-        packed = self._compress_sampled(payload)
-        if packed is None:
+        encoded = self._encode_sampled(payload, self.compression.element_size(element_size))
+        if encoded is None:
             self._data.add(BlobType.CHUNK, chunk_id, payload, Codec.NONE, len(payload))
         else:
-            self._data.add(BlobType.CHUNK, chunk_id, packed, Codec.LZ4, len(payload))
+            packed, codec, filt = encoded
+            self._data.add(BlobType.CHUNK, chunk_id, packed, codec, len(payload), filt)
         self._written.add(chunk_id)
         self.stats.new_chunks += 1
         self.stats.new_chunk_bytes += len(payload)
@@ -202,11 +215,12 @@ class BlobWriter:
         """Store a serialized tree unless present."""
         if self.has(tree_id):
             return
-        packed = compress(payload)
-        if packed is None:
+        encoded = self._encoder.encode(payload)
+        if encoded is None:
             self._trees.add(BlobType.TREE, tree_id, payload, Codec.NONE, len(payload))
         else:
-            self._trees.add(BlobType.TREE, tree_id, packed, Codec.LZ4, len(payload))
+            packed, codec, _filter = encoded
+            self._trees.add(BlobType.TREE, tree_id, packed, codec, len(payload), FILTER_NONE)
         self._written.add(tree_id)
         self.stats.new_trees += 1
         if self._trees.full:

@@ -214,15 +214,20 @@ class Copier:
 
     def _copy_chunk(self, chunk_id: bytes, writer: BlobWriter) -> bytes:
         """Copy one chunk unless the target has it; return its id in the target."""
+        # A byte-grouping filter's value is the element size, so the copy can be
+        # grouped as the source chunk was, when the target's byte grouping is on.
+        location = self.source.index.lookup(chunk_id)
+        element_size = location.filter if location is not None else 0
         if self.shared_ids:
             if not writer.has(chunk_id):
-                writer.add_chunk(chunk_id, memoryview(self.source.read_blob(chunk_id)))
+                plain = self.source.read_blob(chunk_id)
+                writer.add_chunk(chunk_id, memoryview(plain), element_size)
             return chunk_id
         mapped = self._chunk_ids.get(chunk_id)
         if mapped is not None:
             return mapped
         plain = self.source.read_blob(chunk_id)
         target_id = self.target.keys.blob_id(plain)
-        writer.add_chunk(target_id, memoryview(plain))
+        writer.add_chunk(target_id, memoryview(plain), element_size)
         self._chunk_ids[chunk_id] = target_id
         return target_id

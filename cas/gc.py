@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from cas.codecs import DEFAULT_ZSTD_LEVEL, BlobEncoder, Codec
 from cas.errors import CasError, IntegrityError, LockedError, NotFoundError, WriteOnlyKeyError
 from cas.index import INDEX_PREFIX, entries_to_list, pack_name
 from cas.locks import RepositoryLock
@@ -44,10 +45,8 @@ from cas.pack import (
     PROLOGUE_SIZE,
     BlobOpener,
     BlobType,
-    Codec,
     PackEntry,
     PackWriter,
-    compress,
     parse_prologue,
 )
 from cas.repository import Repository
@@ -400,14 +399,23 @@ class GarbageCollector:
             BlobType.CHUNK: PackWriter(keys, config.pack_size, config.chunker.max_size),
             BlobType.TREE: PackWriter(keys, _TREE_PACK_SIZE, MAX_BLOB_RAW_SIZE),
         }
+        # A copied blob keeps its codec and filter. A zstd blob gets the config's
+        # level, or the default level when the config's codec is another one.
+        level = config.compression.level or DEFAULT_ZSTD_LEVEL
+        encoders = {
+            codec: BlobEncoder(codec, level, config.chunker.max_size)
+            for codec in (Codec.LZ4, Codec.ZSTD)
+        }
         for usage in plan.packs_with("repack"):
             for entry, plain in self._read_live(usage):
                 writer = writers[entry.blob_type]
-                packed = compress(plain) if entry.codec == Codec.LZ4 else None
-                if packed is None:
+                encoder = encoders.get(entry.codec)
+                encoded = encoder.encode(plain, entry.filter) if encoder else None
+                if encoded is None:
                     writer.add(entry.blob_type, entry.blob_id, plain, Codec.NONE, entry.raw_size)
                 else:
-                    writer.add(entry.blob_type, entry.blob_id, packed, Codec.LZ4, entry.raw_size)
+                    payload, codec, filt = encoded
+                    writer.add(entry.blob_type, entry.blob_id, payload, codec, entry.raw_size, filt)
                 if writer.full:
                     self._upload(writer, written)
             log.debug("gc copied %d blobs of pack %s", len(usage.live), usage.pack_id.hex())

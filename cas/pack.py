@@ -40,10 +40,16 @@ import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
-import lz4.block
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cas.codecs import (
+    FILTER_NONE,
+    Codec,
+    check_codec_and_filter,
+    compress_payload,
+    decode_payload,
+)
 from cas.crypto import (
     ID_SIZE,
     TAG_SIZE,
@@ -83,13 +89,6 @@ class BlobType(IntEnum):
 
     CHUNK = 0
     TREE = 1
-
-
-class Codec(IntEnum):
-    """Compression applied to a blob's plaintext before encryption."""
-
-    NONE = 0
-    LZ4 = 1
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ def _round_up(size: int) -> int:
 
 def compress(data: bytes | bytearray | memoryview) -> bytes | None:
     """Return the lz4 block of ``data``, or None when it would not shrink it."""
-    packed: bytes = lz4.block.compress(data, store_size=False)
+    packed = compress_payload(data, Codec.LZ4, 0)
     if len(packed) >= len(data):
         return None
     return packed
@@ -301,8 +300,9 @@ def parse_entry(item: object, number: int, blob_area_end: int, name: str) -> Pac
         raise IntegrityError(f"header entry {number} of pack {name} has a bad blob id")
     if not all(isinstance(value, int) and value >= 0 for value in ints):
         raise IntegrityError(f"header entry {number} of pack {name} has a bad field")
-    if blob_type not in (0, 1) or codec not in (0, 1) or filt != 0:
-        raise IntegrityError(f"header entry {number} of pack {name} has an unknown type or codec")
+    if blob_type not in (0, 1):
+        raise IntegrityError(f"header entry {number} of pack {name} has unknown type {blob_type}")
+    check_codec_and_filter(codec, filt, f"header entry {number} of pack {name}")
     if offset < PROLOGUE_SIZE or offset + stored_size > blob_area_end or stored_size < TAG_SIZE:
         raise IntegrityError(f"header entry {number} of pack {name} lies outside the pack")
     if raw_size > MAX_BLOB_RAW_SIZE:
@@ -344,8 +344,10 @@ class BlobOpener:
     ) -> bytes | memoryview:
         """Return a blob's verified plaintext; raise `IntegrityError` on any mismatch.
 
-        With ``out``, an uncompressed blob is decrypted into that buffer and a
-        view of it is returned, valid until the buffer is reused.
+        With ``out``, a blob stored as plaintext is decrypted into that buffer,
+        and a filtered blob is unfiltered into it, and a view of it is returned,
+        valid until the buffer is reused. Raises `UnsupportedFormatError` for a
+        codec or filter this version does not know.
         """
         where = f"blob {blob_id.hex()} in pack {self.pack_id.hex()}"
         if raw_size > MAX_BLOB_RAW_SIZE or len(stored) < TAG_SIZE:
@@ -353,8 +355,11 @@ class BlobOpener:
         ad = blob_associated_data(blob_type, codec, filt, raw_size, blob_id)
         nonce = counter_nonce(offset)
         plain: bytes | memoryview
+        # Only a blob stored as plaintext is decrypted straight into ``out``;
+        # a filtered blob is unfiltered into it below.
+        direct = codec == Codec.NONE and filt == FILTER_NONE
         try:
-            if out is not None and codec == Codec.NONE and len(out) >= len(stored) - TAG_SIZE:
+            if out is not None and direct and len(out) >= len(stored) - TAG_SIZE:
                 plain = memoryview(out)[: len(stored) - TAG_SIZE]
                 self._aead.decrypt_into(nonce, stored, ad, plain)
                 payload: bytes | memoryview = plain
@@ -362,17 +367,7 @@ class BlobOpener:
                 payload = self._aead.decrypt(nonce, stored, ad)
         except InvalidTag:
             raise IntegrityError(f"{where} failed authentication (damaged or moved)") from None
-        if codec == Codec.LZ4:
-            try:
-                plain = lz4.block.decompress(payload, uncompressed_size=raw_size)
-            except lz4.block.LZ4BlockError:
-                raise IntegrityError(f"{where} does not decompress") from None
-        elif codec == Codec.NONE:
-            plain = payload
-        else:
-            raise IntegrityError(f"{where} has unknown codec {codec}")
-        if len(plain) != raw_size:
-            raise IntegrityError(f"{where} has {len(plain)} bytes, expected {raw_size}")
+        plain = decode_payload(payload, codec, filt, raw_size, where, out)
         if self.keys.blob_id(plain) != blob_id:
             raise IntegrityError(f"{where} does not match its id")
         return plain

@@ -25,6 +25,16 @@ from typing import Any
 
 from cas.backend import Backend, open_backend
 from cas.chunker import DEFAULT_PARAMS, ChunkerParams
+from cas.codecs import (
+    BYTE_GROUP_AUTO,
+    BYTE_GROUP_OFF,
+    CODEC_NAMES,
+    DEFAULT_COMPRESSION,
+    LEGACY_COMPRESSION,
+    MAX_ZSTD_LEVEL,
+    Codec,
+    Compression,
+)
 from cas.crypto import KdfParams, MasterKeys, pack_msgpack, unpack_msgpack
 from cas.errors import (
     AlreadyExistsError,
@@ -51,7 +61,11 @@ from cas.tree import Node, decode_tree
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config"
-REPOSITORY_VERSION = 1
+# Version 2 adds the zstd codec, the byte-grouping filters and the config's
+# `compression` and `byte_group` fields. Version 1 repositories stay readable,
+# and writers store only lz4 or raw blobs in them.
+REPOSITORY_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_PACK_SIZE = 32 << 20
 MIN_PREFIX_LENGTH = 8
 
@@ -65,10 +79,12 @@ class RepoConfig:
     pack_size: int
     created: str
     version: int = REPOSITORY_VERSION
+    # The default encoding of new blobs; `cas snapshot --compression` overrides it.
+    compression: Compression = LEGACY_COMPRESSION
 
     def to_body(self) -> dict[str, Any]:
         """Return the stored body."""
-        return {
+        body: dict[str, Any] = {
             "v": self.version,
             "repo_id": self.repo_id,
             "chunker": {
@@ -81,16 +97,36 @@ class RepoConfig:
             "pack_size": self.pack_size,
             "created": self.created,
         }
+        if self.version >= 2:
+            body["compression"] = {
+                "codec": CODEC_NAMES[self.compression.codec],
+                "level": self.compression.level,
+            }
+            body["byte_group"] = self.compression.byte_group
+        return body
+
+    def check_writable(self, compression: Compression) -> None:
+        """Raise `UsageError` when this repository's version cannot store ``compression``."""
+        if self.version >= 2:
+            return
+        if compression.codec == Codec.ZSTD or compression.byte_group != BYTE_GROUP_OFF:
+            raise UsageError(
+                f"compression {compression} with --byte-group {compression.byte_group} needs "
+                f"repository format version 2, and this repository has version {self.version}: "
+                "use --compression lz4 --byte-group off here, or cas init a new repository "
+                "and cas copy the snapshots into it"
+            )
 
     @classmethod
     def from_body(cls, body: Any) -> RepoConfig:
         """Validate a decoded config body."""
         if not isinstance(body, dict):
             raise IntegrityError("config is not a map")
-        if body.get("v") != REPOSITORY_VERSION:
+        version = body.get("v")
+        if version not in READABLE_VERSIONS:
             raise UnsupportedFormatError(
-                f"repository format version {body.get('v')} is not supported by this cas, "
-                f"which reads version {REPOSITORY_VERSION}"
+                f"repository format version {version} is not supported by this cas, "
+                f"which reads versions 1 and {REPOSITORY_VERSION}"
             )
         chunker = body.get("chunker")
         if not isinstance(chunker, dict) or chunker.get("algorithm") != "fastcdc2020":
@@ -110,7 +146,24 @@ class RepoConfig:
             raise IntegrityError("config has a malformed repository id")
         if not isinstance(pack_size, int) or not 1 << 20 <= pack_size <= 1 << 30:
             raise IntegrityError(f"config has an invalid pack size {pack_size!r}")
-        return cls(repo_id, params, pack_size, str(body.get("created", "")))
+        compression = _compression_from_body(body) if version >= 2 else LEGACY_COMPRESSION
+        return cls(repo_id, params, pack_size, str(body.get("created", "")), version, compression)
+
+
+def _compression_from_body(body: dict[Any, Any]) -> Compression:
+    """Validate the config's `compression` and `byte_group` fields."""
+    codec_map, byte_group = body.get("compression"), body.get("byte_group")
+    if not isinstance(codec_map, dict) or not isinstance(byte_group, str):
+        raise IntegrityError("config has no valid compression and byte_group fields")
+    name, level = codec_map.get("codec"), codec_map.get("level")
+    codecs = {text: codec for codec, text in CODEC_NAMES.items()}
+    if name not in codecs:
+        raise UnsupportedFormatError(f"config names unknown codec {name!r}")
+    if not isinstance(level, int) or not 0 <= level <= MAX_ZSTD_LEVEL:
+        raise IntegrityError(f"config has an invalid compression level {level!r}")
+    if byte_group not in (BYTE_GROUP_AUTO, BYTE_GROUP_OFF):
+        raise UnsupportedFormatError(f"config names unknown byte_group {byte_group!r}")
+    return Compression(codecs[name], level, byte_group)
 
 
 def default_cache_dir() -> Path:
@@ -152,12 +205,14 @@ class Repository:
         kdf: KdfParams | None = None,
         backend: Backend | None = None,
         keys: MasterKeys | None = None,
+        compression: Compression = DEFAULT_COMPRESSION,
     ) -> Repository:
         """Create a repository at ``url`` and return it open.
 
         ``backend``, when given, is used in place of the one ``url`` names, such as
         a test wrapper that injects faults. ``keys``, when given, replaces the new
-        random master keys (see `cas.copy.keys_sharing_ids`).
+        random master keys (see `cas.copy.keys_sharing_ids`). ``compression`` is
+        the repository's default encoding of new blobs.
         """
         backend = backend or open_backend(url)
         if not backend.location_exists():
@@ -172,6 +227,7 @@ class Repository:
             chunker=params,
             pack_size=pack_size,
             created=datetime.now().astimezone().isoformat(),
+            compression=compression,
         )
         # Config first: an init interrupted before the key leaves a config that
         # `open` reports as a repository without keys, and `init` refuses to reuse.

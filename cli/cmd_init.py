@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 
 from cas.chunker import DEFAULT_PARAMS, ChunkerParams
+from cas.codecs import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    default_byte_group,
+    parse_byte_group,
+    parse_codec,
+)
 from cas.copy import keys_sharing_ids
 from cas.crypto import MasterKeys
 from cas.errors import UsageError
@@ -51,7 +58,32 @@ def register(
         default=None,
         help="run this shell command and use its output as that repository's password",
     )
+    parser.add_argument(
+        "--compression",
+        default=None,
+        metavar="CODEC",
+        help="default codec of new blobs: lz4, zstd, zstd:LEVEL (1 to 19) or none "
+        f"(default {DEFAULT_COMPRESSION}; see docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--byte-group",
+        default=None,
+        metavar="RULE",
+        help="auto: group the bytes of chunks whose float element size is known before "
+        "compressing them; off: never (default: auto with zstd, off with lz4 and none)",
+    )
     parser.set_defaults(run=run)
+
+
+def _compression(args: argparse.Namespace) -> Compression:
+    """Return the --compression and --byte-group choice, each defaulting on its own."""
+    codec, level = DEFAULT_COMPRESSION.codec, DEFAULT_COMPRESSION.level
+    if args.compression is not None:
+        codec, level = parse_codec(args.compression)
+    byte_group = default_byte_group(codec)
+    if args.byte_group is not None:
+        byte_group = parse_byte_group(args.byte_group, allow_always=False)
+    return Compression(codec, level, byte_group)
 
 
 def _chunker_and_keys(args: argparse.Namespace) -> tuple[ChunkerParams, MasterKeys | None]:
@@ -85,13 +117,26 @@ def _chunker_and_keys(args: argparse.Namespace) -> tuple[ChunkerParams, MasterKe
 
 def run(args: argparse.Namespace) -> int:
     """Create the repository and print its location and id."""
+    compression = _compression(args)
     params, keys = _chunker_and_keys(args)
     url = repo_url(args)
     repo = Repository.init(
-        url, read_password(args, confirm=True), cache_dir=cache_dir(args), chunker=params, keys=keys
+        url,
+        read_password(args, confirm=True),
+        cache_dir=cache_dir(args),
+        chunker=params,
+        keys=keys,
+        compression=compression,
     )
     with repo:
         if args.json:
-            print_json({"repository": repo.backend.url, "id": repo.config.repo_id.hex()})
+            print_json(
+                {
+                    "repository": repo.backend.url,
+                    "id": repo.config.repo_id.hex(),
+                    "compression": str(compression),
+                    "byte_group": compression.byte_group,
+                }
+            )
         info(args, f"created repository {repo.config.repo_id.hex()[:16]} at {repo.backend.url}")
     return 0

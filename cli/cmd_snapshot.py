@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from cas.archiver import Archiver, SnapshotOptions, SnapshotProgress
+from cas.codecs import LEGACY_COMPRESSION, Compression, parse_byte_group, parse_codec
 from cas.errors import UsageError
 from cas.parts import JoinOptions, join_parts, part_name, resolve_parts
 from cas.snapshot import Snapshot
@@ -46,6 +48,21 @@ def register(
         default=256,
         metavar="MIB",
         help="bound on file and pack buffers in MiB (default 256)",
+    )
+    parser.add_argument(
+        "--compression",
+        default=None,
+        metavar="CODEC",
+        help="codec of this snapshot's new blobs: lz4, zstd, zstd:LEVEL (1 to 19) or none "
+        "(default: the repository's, set by cas init)",
+    )
+    parser.add_argument(
+        "--byte-group",
+        default=None,
+        metavar="RULE",
+        help="auto: group the bytes of chunks whose float element size is known; off: never; "
+        "always:K: also group other chunks as elements of K bytes (2, 4 or 8), for raw float "
+        "arrays cas does not recognise (default: the repository's)",
     )
     _add_part_options(parser)
     add_wait_option(parser)
@@ -96,6 +113,17 @@ def parse_meta(items: list[str]) -> dict[str, str]:
     return meta
 
 
+def snapshot_compression(args: argparse.Namespace, default: Compression) -> Compression:
+    """Return ``default`` with the --compression and --byte-group overrides applied."""
+    compression = default
+    if args.compression is not None:
+        codec, level = parse_codec(args.compression)
+        compression = replace(compression, codec=codec, level=level)
+    if args.byte_group is not None:
+        compression = replace(compression, byte_group=parse_byte_group(args.byte_group))
+    return compression
+
+
 def run(args: argparse.Namespace) -> int:
     """Take the snapshot, or join parts, and print its summary."""
     if args.join or args.join_parts:
@@ -112,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         part=args.part,
     )
+    # Parsed before the repository opens, so a typo costs no password prompt.
+    snapshot_compression(args, LEGACY_COMPRESSION)
     with open_repository(args) as repo:
+        options.compression = snapshot_compression(args, repo.config.compression)
         line = ProgressLine(enabled=not args.quiet)
 
         def show(progress: SnapshotProgress) -> None:
@@ -140,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
                 "bytes_read": result.bytes_read,
                 "bytes_added": result.bytes_added,
                 "new_chunks": result.new_chunks,
+                "compression": str(options.compression),
+                "byte_group": options.compression.byte_group if options.compression else "",
                 "seconds": round(result.seconds, 3),
                 "warnings": list(result.warnings),
             }

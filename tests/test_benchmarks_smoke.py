@@ -43,3 +43,21 @@ def test_inner_loop_benchmarks_run() -> None:
 
     assert result.returncode == 0, result.stdout[-2000:]
     assert " passed" in result.stdout
+
+
+def test_codec_bench_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "codecs.json"
+    command = [sys.executable, "-m", "benchmarks.codec_bench", "--synthetic-mib", "1"]
+    command += ["--repeat", "1", "--datasets", "fp32,bf16", "--snapshot-datasets", "bf16"]
+    command += ["--codecs", "none,zstd-1", "--workdir", str(tmp_path), "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    rows = {(row["dataset"], row["codec"], row["byte_group"]): row for row in document["codecs"]}
+    assert len(rows) == 8
+    assert rows[("bf16", "zstd-1", True)]["saved_percent"] > 0
+    assert rows[("fp32", "none", False)]["saved_percent"] == 0
+    snapshots = document["snapshots"]
+    assert [row["byte_group"] for row in snapshots] == ["off", "off", "always:2"]
+    assert all(row["snapshot_cpu_s"] > 0 for row in snapshots)

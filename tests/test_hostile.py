@@ -309,10 +309,9 @@ def test_trailer_header_size_bounded():
         [b"\x01" * 32, 0, 0, 0, 40, 1 << 40, 1 << 40],
         [b"\x01" * 32, 0, 1, 0, 40, 5000, 100],
         [b"\x01" * 32, 0, 0, 0, 2, 100, 100],
-        [b"\x01" * 32, 0, 0, 7, 40, 100, 100],
         [b"\x01" * 31, 0, 0, 0, 40, 100, 100],
     ],
-    ids=["raw-over-max", "stored-huge", "stored-over-raw", "in-prologue", "filter", "short-id"],
+    ids=["raw-over-max", "stored-huge", "stored-over-raw", "in-prologue", "short-id"],
 )
 def test_pack_entry_bounds(entry):
     with pytest.raises(IntegrityError):

@@ -327,14 +327,19 @@ def _check_packs(
             )
         )
     selected = subset.select(list(by_pack)) if read_data else set()
-    total = sum(loc.stored_size for pid in selected for _, loc in by_pack[pid])
+    # Progress counts the indexed bytes of the packs read, or of every pack whose
+    # header alone is checked when no data is read.
+    measured = selected if read_data else set(by_pack)
+    total = sum(loc.stored_size for pid in measured for _, loc in by_pack[pid])
+    done = 0
     for pack_id, blobs in sorted(by_pack.items()):
         report.packs += 1
         blobs.sort(key=lambda item: item[1].offset)
         checker = _PackChecker(repo, report, usage, pack_id, blobs)
         checker.run(stored.get(pack_id), pack_id in selected)
-        if progress and pack_id in selected:
-            progress(report.bytes_read, total)
+        if progress and pack_id in measured:
+            done += sum(location.stored_size for _, location in blobs)
+            progress(done, total)
 
 
 def _max_pack_size(repo: Repository) -> int:

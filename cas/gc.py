@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cas.errors import CasError, IntegrityError, LockedError, NotFoundError
@@ -216,11 +216,18 @@ class GarbageCollector:
     between them; callers of `plan`, `write` and `commit` hold the locks.
     """
 
-    def __init__(self, repo: Repository, options: GcOptions | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        options: GcOptions | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.repo = repo
         self.options = options or GcOptions()
         self.marker = _Marker(repo)
         self.index_bytes = 0
+        # Called with (phase, done, total): "mark" counts snapshots, "repack" bytes.
+        self.progress = progress
 
     def run(self) -> GcResult:
         """Run gc under a shared lock, upgraded to exclusive for the deletions."""
@@ -278,8 +285,10 @@ class GarbageCollector:
         indexed = self._read_index_objects(index_names)
         sizes = self._list_packs()
         snapshot_hexes = self.repo.snapshot_names()
-        for snapshot_hex in snapshot_hexes:
+        for done, snapshot_hex in enumerate(snapshot_hexes, 1):
             self.marker.mark(self._load_snapshot(snapshot_hex))
+            if self.progress:
+                self.progress("mark", done, len(snapshot_hexes))
         live = self.marker.live
         log.info(
             "gc marked %d blobs in %d snapshots; %d index objects, %d packs",
@@ -398,8 +407,15 @@ class GarbageCollector:
             BlobType.CHUNK: PackWriter(keys, config.pack_size, config.chunker.max_size),
             BlobType.TREE: PackWriter(keys, _TREE_PACK_SIZE, MAX_BLOB_RAW_SIZE),
         }
+        total = sum(
+            entry.stored_size for usage in plan.packs_with("repack") for entry in usage.live
+        )
+        done = 0
         for usage in plan.packs_with("repack"):
             for entry, plain in self._read_live(usage):
+                done += entry.stored_size
+                if self.progress:
+                    self.progress("repack", done, total)
                 writer = writers[entry.blob_type]
                 packed = compress(plain) if entry.codec == Codec.LZ4 else None
                 if packed is None:

@@ -12,8 +12,8 @@ from cas.locks import RepositoryLock
 from cas.repository import Repository
 
 from .cmd_unlock import add_wait_option
-from .context import human_size, info, open_repository, print_json
-from .progress import ProgressLine
+from .context import info, open_repository, print_json
+from .progress import progress_line
 
 EXIT_WARNINGS = 1
 EXIT_INTEGRITY = 3
@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the check; exit code 3 on any error, 1 on warnings only."""
     subset = parse_subset(args.read_data_subset) if args.read_data_subset else None
     with open_repository(args) as repo:
-        line = ProgressLine(enabled=not args.quiet and not args.json)
+        line = progress_line(args)
+        verb = "read and verified" if args.read_data or subset is not None else "checked"
 
         def show(done: int, total: int) -> None:
-            line.update(f"{human_size(done)} of {human_size(total)} verified", done)
+            line.update(f"pack bytes {verb}", done, total)
 
         with _shared_lock(args, repo):
             report = check_repository(repo, read_data=args.read_data, progress=show, subset=subset)

@@ -12,7 +12,7 @@ from cas.snapshot import Snapshot
 
 from .cmd_unlock import add_wait_option, retry_while_locked
 from .context import human_size, info, memory_limit, open_repository, print_json
-from .progress import ProgressLine
+from .progress import progress_line
 
 
 def register(
@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
         part=args.part,
     )
     with open_repository(args) as repo:
-        line = ProgressLine(enabled=not args.quiet)
+        line = progress_line(args)
 
         def show(progress: SnapshotProgress) -> None:
             line.update(
                 f"{progress.files} files, {human_size(progress.bytes_read)} read",
-                progress.bytes_read,
+                progress.bytes_done,
+                progress.bytes_expected,
             )
 
         archiver = Archiver(repo, options, show)

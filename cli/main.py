@@ -26,6 +26,7 @@ from . import (
     cmd_checkout,
     cmd_copy,
     cmd_debug,
+    cmd_find,
     cmd_gc,
     cmd_init,
     cmd_log,
@@ -34,6 +35,7 @@ from . import (
     cmd_repair,
     cmd_snapshot,
     cmd_stats,
+    cmd_tag,
     cmd_unlock,
 )
 from .context import add_global_options, print_json
@@ -51,6 +53,8 @@ _COMMANDS = [
     cmd_init,
     cmd_snapshot,
     cmd_log,
+    cmd_tag,
+    cmd_find,
     cmd_ls,
     cmd_checkout,
     cmd_copy,

@@ -86,6 +86,10 @@ class CheckReport:
     blobs_referenced: int = 0
     blobs_read: int = 0
     bytes_read: int = 0
+    # Snapshot objects that a tag change replaced and that still exist, hidden from
+    # readers until the next `cas tag` or `cas prune` deletes them. They are checked
+    # like any snapshot and are no finding.
+    replaced_snapshots: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -245,15 +249,19 @@ def _check_structure(repo: Repository, report: CheckReport, usage: _Usage) -> No
     seen_trees: set[bytes] = set()
     lost_trees: dict[bytes, str] = {}
     missing_chunks: set[bytes] = set()
-    for snapshot_hex in repo.snapshot_names():
+    names = repo.snapshot_names()
+    replaced: set[str] = set()
+    for snapshot_hex in names:
         try:
             snapshot = repo.load_snapshot(snapshot_hex)
         except CasError as exc:
             report.findings.append(Finding("snapshot", str(exc), snapshots=(snapshot_hex,)))
             continue
         report.snapshots += 1
+        replaced.update(old_id.hex() for old_id in snapshot.replaces)
         usage.add_root(snapshot.tree_id, snapshot_hex)
         _walk(repo, snapshot.tree_id, report, usage, seen_trees, lost_trees, missing_chunks)
+    report.replaced_snapshots = len(replaced.intersection(names))
     for tree_id, message in lost_trees.items():
         snapshots, paths = usage.describe(tree_id)
         report.findings.append(Finding("tree", message, "", tree_id.hex(), snapshots, paths))

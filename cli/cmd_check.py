@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.read_data or subset is not None:
         read = f", {report.blobs_read} blobs in {report.packs_read} packs read and verified"
     summary = f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs{read}"
+    if report.replaced_snapshots:
+        summary += (
+            f"; {report.replaced_snapshots} of the snapshot objects were replaced by a tag "
+            f"change and wait for `cas tag` or `cas prune` to delete them"
+        )
     if report.warnings:
         info(args, f"no errors, {len(report.warnings)} warnings: {summary}")
         return EXIT_WARNINGS
@@ -110,6 +115,7 @@ def _report_json(report: CheckReport) -> dict[str, object]:
         "blobs_referenced": report.blobs_referenced,
         "blobs_read": report.blobs_read,
         "bytes_read": report.bytes_read,
+        "replaced_snapshots": report.replaced_snapshots,
         "errors": len(report.errors),
         "warnings": len(report.warnings),
         "findings": [finding.__dict__ for finding in report.findings],

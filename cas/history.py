@@ -9,7 +9,7 @@ moment: the old one before the new object is published, the new one after.
 
 Deleting the old object needs the exclusive lock, as every deletion of a
 snapshot object does. `change_tags` writes under a shared lock and then tries
-once to upgrade it; when another operation holds a lock, the old object stays,
+once to upgrade it. When another operation holds a lock, the old object stays
 hidden, and the next `cas tag` or `cas prune` deletes it (`delete_replaced`).
 """
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SnapshotFilter:
-    """Which snapshots a command selects; kinds combine with AND.
+    """Snapshot selection of `cas log` and `cas find`; the kinds combine with AND.
 
     ``tag_sets``: the snapshot must have every tag of at least one set (one set
     per ``--tag`` option, whose value lists tags separated by commas).
@@ -142,7 +142,7 @@ class TagChange:
 
 @dataclass
 class TagResult:
-    """What `change_tags` did: (old hex, new hex) per changed snapshot, and cleanup."""
+    """Outcome of `change_tags`: (old, new) per changed snapshot, and the cleanup counts."""
 
     changed: list[tuple[Snapshot, Snapshot]] = field(default_factory=list)
     unchanged: list[Snapshot] = field(default_factory=list)
@@ -242,9 +242,9 @@ class FoundPath:
 class PathFinder:
     """Matches a shell-style pattern against the entries of snapshot trees.
 
-    A pattern without ``/`` matches entry names; with ``/`` it matches the full
-    path inside the snapshot (starting with ``/``), and a pattern that does not
-    start with ``/`` may match below any folder. Matching uses `fnmatch`, so
+    A pattern without ``/`` matches entry names. A pattern with ``/`` matches the
+    full path inside the snapshot, which starts with ``/``, and unless the pattern
+    starts with ``/`` it may match below any folder. Matching uses `fnmatch`, so
     ``*`` also matches ``/`` in full paths.
 
     Results are memoized per (tree id, folder path), so a folder that is the

@@ -114,7 +114,7 @@ class RepositoryStats:
 
 
 class _Usage:
-    """Which snapshot owns each blob: its index, or `_SHARED` when two or more use it."""
+    """Owner of each blob: the index of the one snapshot using it, or `_SHARED`."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo

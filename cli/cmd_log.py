@@ -59,8 +59,8 @@ def register(
 def current_parent(repo: Repository, snapshot: Snapshot) -> str | None:
     """Return the hex id of the snapshot's parent as readers see it now.
 
-    A parent whose tags were changed lives on under a new id; the stored
-    parent id names the old object, so the chain of replacements is followed.
+    A parent whose tags were changed lives on under a new id. The stored parent
+    id names the old object, so this follows the chain of replacements.
     """
     if snapshot.parent_id is None:
         return None

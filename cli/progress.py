@@ -1,8 +1,8 @@
 """A progress bar on stderr with done, total, rate and ETA, shown only on a terminal.
 
-The bar is drawn by this module, not by a library such as tqdm: the library
-side already reports (done, total) through callbacks, and the one line needed
-here is shorter than the glue and type stubs a library would bring.
+The bar is drawn by this module, not by a library such as tqdm. The library
+side already reports (done, total) through callbacks, so drawing one line takes
+less code than the glue and type stubs that a library would bring.
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def test_stats_known_sizes(repo: Repository, tmp_path: Path) -> None:
 
     whole = repository_stats(repo, snapshots)
     one = snapshot_stats(repo, second, snapshots)
-    b_chunks = [n for n in repo.load_tree(second.tree_id) if n.name == b"b.bin"][0].chunk_ids
+    b_chunks = next(n for n in repo.load_tree(second.tree_id) if n.name == b"b.bin").chunk_ids
     b_stored = sum(repo.index.lookup(c).stored_size for c in b_chunks)  # type: ignore[union-attr]
     tree_stored = repo.index.lookup(second.tree_id).stored_size  # type: ignore[union-attr]
 

@@ -14,9 +14,9 @@ whose id is the keyed BLAKE3 of its msgpack body. Body fields:
     tree         root tree id
     cas_version  the `cas` version that wrote it
     summary      counts and sizes of the run that wrote it (files, bytes_read, ...)
-    replaces     ids of the snapshots this one replaces (only when non-empty); see
-                 `cas.history.change_tags`. Readers hide every snapshot that a
-                 readable snapshot names here.
+    replaces     ids of the snapshots this one replaces (only when non-empty), written
+                 by `cas.history.change_tags` and `cas.repair`. Readers hide every
+                 snapshot that a readable snapshot names here.
 
 `validate_labels` bounds what a user can set: tags, message and meta.
 """

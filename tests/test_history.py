@@ -15,11 +15,13 @@ from faulty_backend import FaultyBackend
 
 from cas.archiver import Archiver, SnapshotOptions
 from cas.backend import open_backend
+from cas.checker import check_repository
 from cas.copy import Copier
 from cas.errors import BackendError, UsageError
 from cas.gc import GarbageCollector, GcOptions
 from cas.history import PathFinder, TagChange, change_tags, delete_replaced, make_filter
 from cas.locks import RepositoryLock
+from cas.repair import repair_snapshots
 from cas.repository import Repository
 from cas.snapshot import SNAPSHOT_PREFIX, Snapshot, validate_labels
 from cas.stats import repository_stats, snapshot_stats
@@ -322,7 +324,7 @@ def test_stats_known_sizes(repo: Repository, tmp_path: Path) -> None:
     snapshots = repo.list_snapshots()
 
     whole = repository_stats(repo, snapshots)
-    one = snapshot_stats(repo, second, snapshots)
+    single = snapshot_stats(repo, second, snapshots)
     b_chunks = next(n for n in repo.load_tree(second.tree_id) if n.name == b"b.bin").chunk_ids
     b_stored = sum(repo.index.lookup(c).stored_size for c in b_chunks)  # type: ignore[union-attr]
     tree_stored = repo.index.lookup(second.tree_id).stored_size  # type: ignore[union-attr]
@@ -332,11 +334,36 @@ def test_stats_known_sizes(repo: Repository, tmp_path: Path) -> None:
     assert whole.dedup_ratio == round(250 / 150, 3)
     assert [s.logical_size for s in whole.snapshots] == [100 * KIB, 150 * KIB]
     assert whole.snapshots[0].snapshot == first
-    assert one.logical_size == 150 * KIB
-    assert one.file_count == 2
-    assert one.unique_size == b_stored + tree_stored
-    assert one.blobs is not None
-    assert one.blobs.chunk_raw_size == 150 * KIB
-    assert one.dedup_ratio == 1.0
-    assert one.compression_ratio is not None
-    assert 0.9 < one.compression_ratio <= 1.0
+    assert single.logical_size == 150 * KIB
+    assert single.file_count == 2
+    assert single.unique_size == b_stored + tree_stored
+    assert single.blobs is not None
+    assert single.blobs.chunk_raw_size == 150 * KIB
+    assert single.dedup_ratio == 1.0
+    assert single.compression_ratio is not None
+    assert 0.9 < single.compression_ratio <= 1.0
+
+
+def test_repair_deletes_replaced_leftover(repo: Repository, source: Path) -> None:
+    first = take(repo, source)
+    with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="snapshot"):
+        change_tags(repo, ["latest"], TagChange(add=("a",)))
+
+    repairs = repair_snapshots(repo)
+
+    assert repairs == []
+    assert first.snapshot_hex not in repo.snapshot_names()
+    assert [s.tags for s in repo.list_snapshots()] == [("a",)]
+
+
+def test_check_counts_replaced_leftover(repo: Repository, source: Path) -> None:
+    take(repo, source)
+    with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="snapshot"):
+        change_tags(repo, ["latest"], TagChange(add=("a",)))
+
+    report = check_repository(repo)
+
+    assert report.ok
+    assert report.warnings == []
+    assert report.snapshots == 2
+    assert report.replaced_snapshots == 1

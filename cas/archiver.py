@@ -42,7 +42,7 @@ from cas.errors import CasError, NotFoundError, UsageError
 from cas.locks import RepositoryLock
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
-from cas.snapshot import Snapshot, validate_labels
+from cas.snapshot import Snapshot, validate_host, validate_labels
 from cas.tree import Node, encode_tree
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,8 @@ class Archiver:
         if not paths:
             raise UsageError("no path given: name at least one file or folder to snapshot")
         validate_labels(self.options.tags, self.options.message, self.options.meta)
+        if self.options.host:
+            validate_host(self.options.host)
         if self.options.part:
             check_part_name(self.options.part)
         started = time.monotonic()

@@ -143,6 +143,18 @@ def validate_labels(tags: list[str] | tuple[str, ...], message: str, meta: dict[
             )
 
 
+MAX_HOST_LENGTH = 255
+
+
+def validate_host(host: str) -> None:
+    """Raise `UsageError` unless ``host`` can be recorded as a snapshot's host name."""
+    if len(host) > MAX_HOST_LENGTH or not _TAG_RE.match(host):
+        raise UsageError(
+            f"invalid --host {host!r}: use 1 to {MAX_HOST_LENGTH} characters without white "
+            f"space, commas or control characters"
+        )
+
+
 def validate_meta_key(key: str) -> None:
     """Raise `UsageError` unless ``key`` is a valid meta key."""
     if len(key) > MAX_META_KEY_LENGTH or not _META_KEY_RE.match(key):

@@ -189,8 +189,9 @@ def test_tag_errors(
         (["--meta", "9lr=1"], "invalid --meta key '9lr'"),
         (["--meta", "noequals"], "write KEY=VALUE"),
         (["--tag", "two words"], "invalid tag 'two words'"),
+        (["--host", "a\tb"], "invalid --host"),
     ],
-    ids=["reserved", "key", "no-equals", "tag-space"],
+    ids=["reserved", "key", "no-equals", "tag-space", "host"],
 )
 def test_snapshot_label_errors(
     cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path, args: list[str], message: str

@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 progress.bytes_expected,
             )
 
-        archiver = Archiver(repo, options, show)
+        # Without a visible bar, no callback, so the archiver skips summing file sizes.
+        archiver = Archiver(repo, options, show if line.enabled else None)
         # The archiver takes its lock before it writes anything, so a run that
         # failed on the lock can be repeated as a whole.
         result = retry_while_locked(lambda: archiver.run(args.paths), args.wait)

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TIMEOUT_SECONDS, CasEnv, RunCas
+from conftest import CLI_TIMEOUT_SECONDS, PASSWORD, SMALL_CHUNKER, CasEnv, RunCas, fast_kdf
+
+from cas.repository import Repository
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -34,10 +36,9 @@ def write_files(root: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(content)
 
 
-@pytest.fixture
-def history(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> dict[str, str]:
-    """Three snapshots of two folders on two hosts; return their ids by name."""
-    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+def make_history(run_cas: RunCas, root: Path) -> dict[str, str]:
+    """Take three snapshots of two folders on two hosts; return their ids by name."""
+    ckpt, data = root / "ckpt", root / "data"
     write_files(ckpt, {"model.safetensors": random_bytes(64 * KIB, 1), "config.json": b"{}"})
     write_files(data, {"train.csv": b"a,b\n1,2\n"})
     ids = {}
@@ -52,6 +53,64 @@ def history(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> dict[str, str]
     return ids
 
 
+@pytest.fixture
+def history(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> dict[str, str]:
+    """The three snapshots of `make_history` in this test's own repository, for changes."""
+    return make_history(run_cas, tmp_path)
+
+
+def make_runner(env: dict[str, str]) -> RunCas:
+    """Return a CLI runner with the checks of conftest's ``run_cas``, for another environment."""
+
+    def run(
+        *args: str | os.PathLike[str], expect: int | None = 0, env: dict[str, str] = env
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cas_cli.main", *map(str, args)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_SECONDS,
+            check=False,
+        )
+        details = f"{args}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        if expect is not None:
+            assert result.returncode == expect, details
+        assert "Traceback" not in result.stderr, details
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunCas, dict[str, str], Path]:
+    """One repository with `make_history` for the tests that only read: runner, ids, root.
+
+    Taking the snapshots once per module instead of once per test saves an estimated
+    60 s of subprocess runs on a 2-core VM.
+    """
+    root = tmp_path_factory.mktemp("history")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CAS_")}
+    env.update(
+        {
+            "CAS_REPOSITORY": str(root / "repo"),
+            "CAS_PASSWORD": PASSWORD,
+            "XDG_CACHE_HOME": str(root / "xdg"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
+    Repository.init(
+        str(root / "repo"),
+        PASSWORD.encode(),
+        cache_dir=root / "xdg" / "cas",
+        chunker=SMALL_CHUNKER,
+        kdf=fast_kdf(),
+    ).close()
+    run = make_runner(env)
+    return run, make_history(run, root), root
+
+
 def logged_ids(run_cas: RunCas, *filters: str) -> list[str]:
     return [entry["id"] for entry in cas_json(run_cas, "log", *filters)]  # type: ignore[union-attr]
 
@@ -59,7 +118,8 @@ def logged_ids(run_cas: RunCas, *filters: str) -> list[str]:
 # log
 
 
-def test_log_json_fields(history: dict[str, str], run_cas: RunCas, tmp_path: Path) -> None:
+def test_log_json_fields(shared: tuple[RunCas, dict[str, str], Path]) -> None:
+    run_cas, history, root = shared
     log = cas_json(run_cas, "log")
     assert isinstance(log, list)
     newest, middle, oldest = log
@@ -67,7 +127,7 @@ def test_log_json_fields(history: dict[str, str], run_cas: RunCas, tmp_path: Pat
     assert [e["id"] for e in log] == [history["data"], history["best"], history["run7"]]
     assert oldest["message"] == "step 1"
     assert oldest["meta"] == {"lr": "3e-4"}
-    assert oldest["paths"] == [str(tmp_path / "ckpt")]
+    assert oldest["paths"] == [str(root / "ckpt")]
     assert middle["parent"] == history["run7"]
     assert middle["tags"] == ["run-7", "best"]
     assert newest["host"] == "other"
@@ -91,20 +151,26 @@ def test_log_json_fields(history: dict[str, str], run_cas: RunCas, tmp_path: Pat
     ids=["tag", "tag-and", "tag-or", "host", "meta", "tag-meta", "tag-host"],
 )
 def test_log_filters(
-    history: dict[str, str], run_cas: RunCas, filters: list[str], expected: list[str]
+    shared: tuple[RunCas, dict[str, str], Path], filters: list[str], expected: list[str]
 ) -> None:
+    run_cas, history, _root = shared
+
     assert logged_ids(run_cas, *filters) == [history[name] for name in expected]
 
 
-def test_log_path_filter(history: dict[str, str], run_cas: RunCas, tmp_path: Path) -> None:
-    by_path = logged_ids(run_cas, "--path", str(tmp_path / "data"))
-    combined = logged_ids(run_cas, "--path", str(tmp_path / "ckpt"), "--tag", "best")
+def test_log_path_filter(shared: tuple[RunCas, dict[str, str], Path]) -> None:
+    run_cas, history, root = shared
+
+    by_path = logged_ids(run_cas, "--path", str(root / "data"))
+    combined = logged_ids(run_cas, "--path", str(root / "ckpt"), "--tag", "best")
 
     assert by_path == [history["data"]]
     assert combined == [history["best"]]
 
 
-def test_log_text(history: dict[str, str], run_cas: RunCas) -> None:
+def test_log_text(shared: tuple[RunCas, dict[str, str], Path]) -> None:
+    run_cas, history, _root = shared
+
     lines = run_cas("log").stdout.splitlines()
 
     assert lines[0].startswith(history["data"][:16])
@@ -175,8 +241,10 @@ def test_tag_set_and_text(history: dict[str, str], run_cas: RunCas) -> None:
     ids=["nothing", "comma", "set-add", "unknown"],
 )
 def test_tag_errors(
-    history: dict[str, str], run_cas: RunCas, args: list[str], message: str
+    shared: tuple[RunCas, dict[str, str], Path], args: list[str], message: str
 ) -> None:
+    run_cas, _history, _root = shared
+
     result = run_cas("tag", *args, expect=2)
 
     assert message in result.stderr
@@ -207,7 +275,9 @@ def test_snapshot_label_errors(
 # find
 
 
-def test_find_json(history: dict[str, str], run_cas: RunCas) -> None:
+def test_find_json(shared: tuple[RunCas, dict[str, str], Path]) -> None:
+    run_cas, history, _root = shared
+
     found = cas_json(run_cas, "find", "*.json")
     assert isinstance(found, list)
 
@@ -217,7 +287,9 @@ def test_find_json(history: dict[str, str], run_cas: RunCas) -> None:
     assert found[1]["matches"][0]["size"] == 2
 
 
-def test_find_filters_and_text(history: dict[str, str], run_cas: RunCas) -> None:
+def test_find_filters_and_text(shared: tuple[RunCas, dict[str, str], Path]) -> None:
+    run_cas, history, _root = shared
+
     only_one = cas_json(run_cas, "find", "extra.*", "--snapshot", history["best"][:8])
     none = cas_json(run_cas, "find", "*.json", "--host", "other")
     text = run_cas("find", "/train.*").stdout.splitlines()

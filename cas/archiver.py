@@ -43,7 +43,7 @@ from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
 from cas.locks import RepositoryLock
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
-from cas.snapshot import Snapshot
+from cas.snapshot import Snapshot, validate_host, validate_labels
 from cas.tree import Node, encode_tree
 from cas.writeonly import LocalTreeCache
 
@@ -80,6 +80,17 @@ class SnapshotProgress:
     files: int = 0
     bytes_read: int = 0
     bytes_total: int = 0
+    # Bytes of files reused from the parent without reading them.
+    bytes_skipped: int = 0
+    # Sizes of the regular files below the paths, summed before the run starts when a
+    # progress callback is set (0 otherwise); the total for an ETA, not exact when
+    # files change meanwhile.
+    bytes_expected: int = 0
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes read plus bytes reused from the parent."""
+        return self.bytes_read + self.bytes_skipped
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,9 @@ class Archiver:
     def _run(self, paths: list[str]) -> SnapshotResult:
         if not paths:
             raise UsageError("no path given: name at least one file or folder to snapshot")
+        validate_labels(self.options.tags, self.options.message, self.options.meta)
+        if self.options.host:
+            validate_host(self.options.host)
         if self.options.part:
             check_part_name(self.options.part)
         started = time.monotonic()
@@ -268,6 +282,8 @@ class Archiver:
                 raise NotFoundError(f"path {source} does not exist")
         host = self.options.host or socket.gethostname()
         parent = self._find_parent(sources, host)
+        if self.progress_callback:
+            self.progress.bytes_expected = sum(map(_regular_file_size, sources))
         with RepositoryLock(
             self.repo.backend, self.repo.keys, exclusive=False, operation="snapshot"
         ) as lock:
@@ -491,12 +507,14 @@ class Archiver:
         self.progress.bytes_total += st.st_size
         if parent is not None and _unchanged(parent, st) and all(map(writer.has, parent.chunk_ids)):
             self.unchanged_files += 1
+            self.progress.bytes_skipped += st.st_size
             return _meta_node(
                 name, "file", st, chunks=parent.chunks, sizes=parent.sizes, digest=parent.digest
             )
         # A second path of a hard-linked file reuses the first path's chunks.
         linked = self._hardlinks.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
         if linked is not None and _unchanged(linked, st):
+            self.progress.bytes_skipped += st.st_size
             return _meta_node(
                 name, "file", st, chunks=linked.chunks, sizes=linked.sizes, digest=linked.digest
             )
@@ -568,6 +586,24 @@ class Archiver:
             finally:
                 self.reader.release(buffer)
         return chunks, sizes, file_hash.digest(), size
+
+
+def _regular_file_size(path: str) -> int:
+    """Return the summed size of the regular files at or below ``path``, without symlinks."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    total = 0
+    if stat.S_ISDIR(st.st_mode):
+        for folder, _dirs, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    entry = os.lstat(os.path.join(folder, name))
+                    total += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
+    return total
 
 
 def _unchanged(parent: Node, st: os.stat_result) -> bool:

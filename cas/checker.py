@@ -86,6 +86,10 @@ class CheckReport:
     blobs_referenced: int = 0
     blobs_read: int = 0
     bytes_read: int = 0
+    # Snapshot objects that a tag change replaced and that still exist, hidden from
+    # readers until the next `cas tag` or `cas prune` deletes them. They are checked
+    # like any snapshot and are no finding.
+    replaced_snapshots: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -247,15 +251,19 @@ def _check_structure(repo: Repository, report: CheckReport, usage: _Usage) -> No
     seen_trees: set[bytes] = set()
     lost_trees: dict[bytes, str] = {}
     missing_chunks: set[bytes] = set()
-    for snapshot_hex in repo.snapshot_names():
+    names = repo.snapshot_names()
+    replaced: set[str] = set()
+    for snapshot_hex in names:
         try:
             snapshot = repo.load_snapshot(snapshot_hex)
         except CasError as exc:
             report.findings.append(Finding("snapshot", str(exc), snapshots=(snapshot_hex,)))
             continue
         report.snapshots += 1
+        replaced.update(old_id.hex() for old_id in snapshot.replaces)
         usage.add_root(snapshot.tree_id, snapshot_hex)
         _walk(repo, snapshot.tree_id, report, usage, seen_trees, lost_trees, missing_chunks)
+    report.replaced_snapshots = len(replaced.intersection(names))
     for tree_id, message in lost_trees.items():
         snapshots, paths = usage.describe(tree_id)
         report.findings.append(Finding("tree", message, "", tree_id.hex(), snapshots, paths))
@@ -329,14 +337,19 @@ def _check_packs(
             )
         )
     selected = subset.select(list(by_pack)) if read_data else set()
-    total = sum(loc.stored_size for pid in selected for _, loc in by_pack[pid])
+    # Progress counts the indexed bytes of the packs read, or of every pack whose
+    # header alone is checked when no data is read.
+    measured = selected if read_data else set(by_pack)
+    total = sum(loc.stored_size for pid in measured for _, loc in by_pack[pid])
+    done = 0
     for pack_id, blobs in sorted(by_pack.items()):
         report.packs += 1
         blobs.sort(key=lambda item: item[1].offset)
         checker = _PackChecker(repo, report, usage, pack_id, blobs)
         checker.run(stored.get(pack_id), pack_id in selected)
-        if progress and pack_id in selected:
-            progress(report.bytes_read, total)
+        if progress and pack_id in measured:
+            done += sum(location.stored_size for _, location in blobs)
+            progress(done, total)
 
 
 def _max_pack_size(repo: Repository) -> int:

@@ -179,7 +179,13 @@ class Copier:
             copied_part = self._target_hex(value) if key.startswith(JOIN_META_PREFIX) else None
             if copied_part is not None:
                 meta[key] = copied_part
-        rewritten = replace(snapshot, tree_id=root_id, parent_id=parent_id, meta=meta)
+        # A tag change's replaces list names source ids: name the copies of those
+        # snapshots that the target has, so the target hides them as the source does.
+        replaced = (self._target_hex(old_id.hex()) for old_id in snapshot.replaces)
+        replaces = tuple(bytes.fromhex(found) for found in replaced if found is not None)
+        rewritten = replace(
+            snapshot, tree_id=root_id, parent_id=parent_id, meta=meta, replaces=replaces
+        )
         stored, size = self.target.write_snapshot(rewritten)
         self.result.bytes_added += size
         return stored.snapshot_hex

@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cas.codecs import DEFAULT_ZSTD_LEVEL, BlobEncoder, Codec
@@ -215,13 +215,20 @@ class GarbageCollector:
     between them; callers of `plan`, `write` and `commit` hold the locks.
     """
 
-    def __init__(self, repo: Repository, options: GcOptions | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        options: GcOptions | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         if repo.keys.write_only:
             raise WriteOnlyKeyError.for_action("run gc, which reads and deletes data")
         self.repo = repo
         self.options = options or GcOptions()
         self.marker = _Marker(repo)
         self.index_bytes = 0
+        # Called with (phase, done, total): "mark" counts snapshots, "repack" bytes.
+        self.progress = progress
 
     def run(self) -> GcResult:
         """Run gc under a shared lock, upgraded to exclusive for the deletions."""
@@ -279,8 +286,10 @@ class GarbageCollector:
         indexed = self._read_index_objects(index_names)
         sizes = self._list_packs()
         snapshot_hexes = self.repo.snapshot_names()
-        for snapshot_hex in snapshot_hexes:
+        for done, snapshot_hex in enumerate(snapshot_hexes, 1):
             self.marker.mark(self._load_snapshot(snapshot_hex))
+            if self.progress:
+                self.progress("mark", done, len(snapshot_hexes))
         live = self.marker.live
         log.info(
             "gc marked %d blobs in %d snapshots; %d index objects, %d packs",
@@ -406,8 +415,15 @@ class GarbageCollector:
             codec: BlobEncoder(codec, level, config.chunker.max_size)
             for codec in (Codec.LZ4, Codec.ZSTD)
         }
+        total = sum(
+            entry.stored_size for usage in plan.packs_with("repack") for entry in usage.live
+        )
+        done = 0
         for usage in plan.packs_with("repack"):
             for entry, plain in self._read_live(usage):
+                done += entry.stored_size
+                if self.progress:
+                    self.progress("repack", done, total)
                 writer = writers[entry.blob_type]
                 encoder = encoders.get(entry.codec)
                 encoded = encoder.encode(plain, entry.filter) if encoder else None

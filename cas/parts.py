@@ -22,7 +22,7 @@ from cas.errors import IntegrityError, NotFoundError, UsageError
 from cas.keys import local_user
 from cas.locks import RepositoryLock
 from cas.repository import Repository
-from cas.snapshot import Snapshot
+from cas.snapshot import Snapshot, validate_host, validate_labels
 from cas.tree import Node, encode_tree, validate_name
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,9 @@ def join_parts(repo: Repository, parts: list[Snapshot], options: JoinOptions) ->
     """
     if not parts:
         raise UsageError("nothing to join: name parts with --join or --join-parts")
+    validate_labels(options.tags, options.message, options.meta)
+    if options.host:
+        validate_host(options.host)
     nodes = _part_nodes(parts)
     host = options.host or socket.gethostname()
     with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="join"):

@@ -32,6 +32,7 @@ from cas.archiver import deep_recursion
 from cas.blobstore import BlobWriter
 from cas.checker import check_repository
 from cas.errors import CasError, NotFoundError, WriteOnlyKeyError
+from cas.history import delete_replaced
 from cas.index import INDEX_PREFIX, entries_to_list, pack_name
 from cas.locks import RepositoryLock
 from cas.objects import ObjectKind, encode_object
@@ -278,7 +279,15 @@ def repair_snapshots(repo: Repository, dry_run: bool = False) -> list[SnapshotRe
         rewriter = _Rewriter(repo, lost, writer)
         plans: list[tuple[Snapshot, SnapshotRepair, bytes]] = []
         repairs: list[SnapshotRepair] = []
+        # Objects replaced by a tag change are hidden; repairing one would make it
+        # visible again beside its replacement, so they are deleted instead.
+        repo.list_snapshots()
+        hidden = set(repo.replaced_snapshots)
+        if not dry_run:
+            delete_replaced(repo)
         for snapshot_hex in repo.snapshot_names():
+            if snapshot_hex in hidden:
+                continue
             planned = _plan_snapshot(repo, rewriter, snapshot_hex)
             if planned is None:
                 continue
@@ -329,9 +338,11 @@ def _replace_snapshot(
         f"{len(record.lost_folders)} folders emptied"
     )
     tags = snapshot.tags if REPAIRED_TAG in snapshot.tags else (*snapshot.tags, REPAIRED_TAG)
+    # `replaces` hides the damaged object from readers until it is deleted below.
     repaired = replace(
         snapshot,
         snapshot_id=b"",
+        replaces=(snapshot.snapshot_id,),
         tree_id=root_id,
         tags=tags,
         message=f"{snapshot.message} ({note})" if snapshot.message else note,

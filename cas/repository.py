@@ -190,6 +190,9 @@ class Repository:
         self.skipped_snapshots: list[str] = []
         # Name of the key object that the password opened; None when opened otherwise.
         self.key_name: str | None = None
+        # Hex id of each snapshot object that the last `list_snapshots` hid because a
+        # readable snapshot replaces it -> hex id of that replacing snapshot.
+        self.replaced_snapshots: dict[str, str] = {}
 
     # Opening and creating
 
@@ -313,12 +316,14 @@ class Repository:
         body = unpack_msgpack(plain, f"snapshot {snapshot_hex}", MAX_OBJECT_SIZE)
         return snapshot_from_body(bytes.fromhex(snapshot_hex), body, name)
 
-    def list_snapshots(self) -> list[Snapshot]:
+    def list_snapshots(self, include_replaced: bool = False) -> list[Snapshot]:
         """Return every readable snapshot, oldest first.
 
         A snapshot that fails to load is logged and left out, so one damaged
         object does not stop `cas log` or the parent search; `cas check`
-        reports it.
+        reports it. A snapshot that another readable snapshot names in its
+        ``replaces`` field (left by an interrupted `cas tag`) is left out too,
+        unless ``include_replaced``; `replaced_snapshots` maps it to its replacement.
         """
         snapshots = []
         self.skipped_snapshots = []
@@ -328,6 +333,11 @@ class Repository:
             except (IntegrityError, UnsupportedFormatError, NotFoundError) as exc:
                 log.warning("skipping snapshot %s: %s", name, exc)
                 self.skipped_snapshots.append(name)
+        self.replaced_snapshots = {
+            old_id.hex(): snap.snapshot_hex for snap in snapshots for old_id in snap.replaces
+        }
+        if not include_replaced:
+            snapshots = [s for s in snapshots if s.snapshot_hex not in self.replaced_snapshots]
         return sorted(snapshots, key=lambda snap: (snap.datetime, snap.snapshot_hex))
 
     def resolve_snapshot(self, name: str) -> Snapshot:

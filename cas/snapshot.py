@@ -14,6 +14,11 @@ whose id is the keyed BLAKE3 of its msgpack body. Body fields:
     tree         root tree id
     cas_version  the `cas` version that wrote it
     summary      counts and sizes of the run that wrote it (files, bytes_read, ...)
+    replaces     ids of the snapshots this one replaces (only when non-empty), written
+                 by `cas.history.change_tags` and `cas.repair`. Readers hide every
+                 snapshot that a readable snapshot names here.
+
+`validate_labels` bounds what a user can set: tags, message and meta.
 """
 
 from __future__ import annotations
@@ -24,11 +29,26 @@ from datetime import datetime
 from typing import Any
 
 from cas.crypto import ID_SIZE
-from cas.errors import IntegrityError, UnsupportedFormatError
+from cas.errors import IntegrityError, UnsupportedFormatError, UsageError
 
 SNAPSHOT_PREFIX = "snapshots/"
 SNAPSHOT_VERSION = 1
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+# Tags: printable, no white space, no comma (a comma separates tags in some
+# command lines), at most 128 characters. Meta keys: a letter, then letters,
+# digits and ``_ . : -``, at most 128 characters. The bounds keep one snapshot
+# object small, since `cas log` reads every snapshot object.
+MAX_TAG_LENGTH = 128
+MAX_TAG_COUNT = 256
+MAX_META_KEY_LENGTH = 128
+MAX_META_VALUE_LENGTH = 4096
+MAX_META_COUNT = 1024
+MAX_MESSAGE_LENGTH = 65536
+MAX_REPLACES = 64
+_TAG_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]+$")
+_META_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*$")
+RESERVED_META_PREFIX = "cas."
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class Snapshot:
     parent_id: bytes | None = None
     cas_version: str = ""
     summary: dict[str, int] = field(default_factory=dict)
+    replaces: tuple[bytes, ...] = ()
 
     @property
     def snapshot_hex(self) -> str:
@@ -59,8 +80,12 @@ class Snapshot:
         return datetime.fromisoformat(self.time)
 
     def to_body(self) -> dict[str, Any]:
-        """Return the stored body (without the id, which is derived from it)."""
-        return {
+        """Return the stored body (without the id, which is derived from it).
+
+        ``replaces`` is left out when empty, so snapshots that replace nothing
+        encode exactly as version 1 writers before it encoded them.
+        """
+        body: dict[str, Any] = {
             "v": SNAPSHOT_VERSION,
             "time": self.time,
             "host": self.host,
@@ -74,6 +99,69 @@ class Snapshot:
             "cas_version": self.cas_version,
             "summary": dict(self.summary),
         }
+        if self.replaces:
+            body["replaces"] = list(self.replaces)
+        return body
+
+
+def validate_tag(tag: str) -> None:
+    """Raise `UsageError` unless ``tag`` is a valid tag."""
+    if not tag or len(tag) > MAX_TAG_LENGTH or not _TAG_RE.match(tag):
+        raise UsageError(
+            f"invalid tag {tag!r}: use 1 to {MAX_TAG_LENGTH} characters without white "
+            f"space, commas or control characters"
+        )
+
+
+def validate_labels(tags: list[str] | tuple[str, ...], message: str, meta: dict[str, str]) -> None:
+    """Raise `UsageError` for a tag, message or meta entry that a user may not store.
+
+    Meta keys that start with ``cas.`` are reserved for `cas` itself and
+    rejected here; the code that sets them skips this check.
+    """
+    if len(tags) > MAX_TAG_COUNT:
+        raise UsageError(f"invalid tags: {len(tags)} given, at most {MAX_TAG_COUNT} allowed")
+    for tag in tags:
+        validate_tag(tag)
+    if len(message) > MAX_MESSAGE_LENGTH:
+        raise UsageError(
+            f"invalid --message: {len(message)} characters, at most {MAX_MESSAGE_LENGTH}"
+        )
+    if len(meta) > MAX_META_COUNT:
+        raise UsageError(f"invalid --meta: {len(meta)} keys, at most {MAX_META_COUNT}")
+    for key, value in meta.items():
+        validate_meta_key(key)
+        if key.startswith(RESERVED_META_PREFIX):
+            raise UsageError(
+                f"invalid --meta key {key!r}: keys starting with {RESERVED_META_PREFIX!r} are "
+                f"set by cas itself; choose another name"
+            )
+        if len(value) > MAX_META_VALUE_LENGTH:
+            raise UsageError(
+                f"invalid --meta {key}=...: the value has {len(value)} characters, at most "
+                f"{MAX_META_VALUE_LENGTH}"
+            )
+
+
+MAX_HOST_LENGTH = 255
+
+
+def validate_host(host: str) -> None:
+    """Raise `UsageError` unless ``host`` can be recorded as a snapshot's host name."""
+    if len(host) > MAX_HOST_LENGTH or not _TAG_RE.match(host):
+        raise UsageError(
+            f"invalid --host {host!r}: use 1 to {MAX_HOST_LENGTH} characters without white "
+            f"space, commas or control characters"
+        )
+
+
+def validate_meta_key(key: str) -> None:
+    """Raise `UsageError` unless ``key`` is a valid meta key."""
+    if len(key) > MAX_META_KEY_LENGTH or not _META_KEY_RE.match(key):
+        raise UsageError(
+            f"invalid --meta key {key!r}: start with a letter, then use letters, digits and "
+            f"'_ . : -', at most {MAX_META_KEY_LENGTH} characters"
+        )
 
 
 def snapshot_from_body(snapshot_id: bytes, body: Any, name: str) -> Snapshot:
@@ -103,6 +191,13 @@ def snapshot_from_body(snapshot_id: bytes, body: Any, name: str) -> Snapshot:
         raise IntegrityError(f"snapshot {name} has malformed metadata")
     if not isinstance(summary, dict):
         summary = {}
+    replaces = body.get("replaces", [])
+    if (
+        not isinstance(replaces, list)
+        or len(replaces) > MAX_REPLACES
+        or not all(_is_id(item) for item in replaces)
+    ):
+        raise IntegrityError(f"snapshot {name} has a malformed replaces list")
     return Snapshot(
         snapshot_id=snapshot_id,
         time=time,
@@ -116,6 +211,7 @@ def snapshot_from_body(snapshot_id: bytes, body: Any, name: str) -> Snapshot:
         parent_id=parent,
         cas_version=str(body.get("cas_version", "")),
         summary={str(k): v for k, v in summary.items() if isinstance(v, int)},
+        replaces=tuple(replaces),
     )
 
 

@@ -12,8 +12,8 @@ from cas.locks import RepositoryLock
 from cas.repository import Repository
 
 from .cmd_unlock import add_wait_option
-from .context import human_size, info, open_repository, print_json
-from .progress import ProgressLine
+from .context import info, open_repository, print_json
+from .progress import progress_line
 
 EXIT_WARNINGS = 1
 EXIT_INTEGRITY = 3
@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the check; exit code 3 on any error, 1 on warnings only."""
     subset = parse_subset(args.read_data_subset) if args.read_data_subset else None
     with open_repository(args) as repo:
-        line = ProgressLine(enabled=not args.quiet and not args.json)
+        line = progress_line(args)
+        verb = "read and verified" if args.read_data or subset is not None else "checked"
 
         def show(done: int, total: int) -> None:
-            line.update(f"{human_size(done)} of {human_size(total)} verified", done)
+            line.update(f"pack bytes {verb}", done, total)
 
         with _shared_lock(args, repo):
             report = check_repository(repo, read_data=args.read_data, progress=show, subset=subset)
@@ -91,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.read_data or subset is not None:
         read = f", {report.blobs_read} blobs in {report.packs_read} packs read and verified"
     summary = f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs{read}"
+    if report.replaced_snapshots:
+        summary += (
+            f"; {report.replaced_snapshots} of the snapshot objects were replaced by a tag "
+            f"change and wait for `cas tag` or `cas prune` to delete them"
+        )
     if report.warnings:
         info(args, f"no errors, {len(report.warnings)} warnings: {summary}")
         return EXIT_WARNINGS
@@ -109,6 +115,7 @@ def _report_json(report: CheckReport) -> dict[str, object]:
         "blobs_referenced": report.blobs_referenced,
         "blobs_read": report.blobs_read,
         "bytes_read": report.bytes_read,
+        "replaced_snapshots": report.replaced_snapshots,
         "errors": len(report.errors),
         "warnings": len(report.warnings),
         "findings": [finding.__dict__ for finding in report.findings],

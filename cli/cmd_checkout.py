@@ -9,7 +9,7 @@ from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
-from .progress import ProgressLine
+from .progress import progress_line
 
 EXIT_WARNINGS = 1
 EXIT_OPERATIONAL = 2
@@ -49,12 +49,11 @@ def run(args: argparse.Namespace) -> int:
     )
     with open_repository(args) as repo:
         snapshot = repo.resolve_snapshot(args.snapshot)
-        line = ProgressLine(enabled=not args.quiet)
+        line = progress_line(args)
 
         def show(progress: CheckoutProgress) -> None:
             line.update(
-                f"{human_size(progress.bytes_written)} of {human_size(progress.bytes_total)}",
-                progress.bytes_written,
+                f"{progress.files_done} files", progress.bytes_written, progress.bytes_total
             )
 
         result = Restorer(repo, snapshot, args.dest, options, show).run()

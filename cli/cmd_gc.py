@@ -8,6 +8,7 @@ from cas.gc import DEFAULT_MAX_UNUSED, GarbageCollector, GcOptions, GcResult
 
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, open_repository, print_json
+from .progress import progress_line
 
 
 def register(
@@ -77,7 +78,18 @@ def run(args: argparse.Namespace) -> int:
     """Run gc and print its summary."""
     options = GcOptions(max_unused=args.max_unused, dry_run=args.dry_run, wait=args.wait)
     with open_repository(args) as repo:
-        result = GarbageCollector(repo, options).run()
+        line = progress_line(args)
+
+        def show(phase: str, done: int, total: int) -> None:
+            if phase == "mark":
+                line.update("marking what snapshots use", done, total, unit="snapshots")
+            else:
+                line.update("repacking live blobs", done, total)
+
+        try:
+            result = GarbageCollector(repo, options, show).run()
+        finally:
+            line.close()
     if args.json:
         print_json(result_json(result))
         return 0

@@ -7,6 +7,7 @@ import contextlib
 import sys
 
 from cas.errors import IntegrityError, NotFoundError, UnsupportedFormatError, UsageError
+from cas.history import delete_replaced
 from cas.locks import RepositoryLock
 from cas.prune import (
     DEFAULT_GROUP_BY,
@@ -164,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
             ):
                 groups = _decide(args, repo) if args.snapshots or not unreadable else []
                 doomed = [snap.snapshot_hex for group in groups for snap in group.removed]
+                # Objects replaced by a tag change go first: deleted after their
+                # replacement, they would be visible again until then.
+                if groups:
+                    delete_replaced(repo)
                 for snapshot_hex in doomed + unreadable:
                     with contextlib.suppress(NotFoundError):
                         repo.backend.delete(SNAPSHOT_PREFIX + snapshot_hex)

@@ -14,7 +14,7 @@ from cas.snapshot import Snapshot
 
 from .cmd_unlock import add_wait_option, retry_while_locked
 from .context import human_size, info, memory_limit, open_repository, print_json
-from .progress import ProgressLine
+from .progress import progress_line
 
 
 def register(
@@ -144,15 +144,17 @@ def run(args: argparse.Namespace) -> int:
     snapshot_compression(args, LEGACY_COMPRESSION)
     with open_repository(args) as repo:
         options.compression = snapshot_compression(args, repo.config.compression)
-        line = ProgressLine(enabled=not args.quiet)
+        line = progress_line(args)
 
         def show(progress: SnapshotProgress) -> None:
             line.update(
                 f"{progress.files} files, {human_size(progress.bytes_read)} read",
-                progress.bytes_read,
+                progress.bytes_done,
+                progress.bytes_expected,
             )
 
-        archiver = Archiver(repo, options, show)
+        # Without a visible bar, no callback, so the archiver skips summing file sizes.
+        archiver = Archiver(repo, options, show if line.enabled else None)
         # The archiver takes its lock before it writes anything, so a run that
         # failed on the lock can be repeated as a whole.
         result = retry_while_locked(lambda: archiver.run(args.paths), args.wait)

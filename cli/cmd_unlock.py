@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from cas.errors import LockedError, NotFoundError, UsageError
@@ -84,7 +85,7 @@ def _describe(lock: LockInfo) -> dict[str, object]:
         "pid": lock.pid,
         "user": lock.user,
         "started": lock.started,
-        "refreshed": lock.refreshed,
+        "refreshed": datetime.fromtimestamp(lock.refreshed, UTC).astimezone().isoformat(),
     }
 
 

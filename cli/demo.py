@@ -397,6 +397,8 @@ def run_demo(workdir: Path, model: Path, tensor_name: str | None, delta: float) 
 
     cas.run("log")
     cas.run("ls", v2.snapshot_hex[:8])
+    # The unique size of v2 is what its one changed tensor cost.
+    cas.run("stats", v2.snapshot_hex[:8])
 
     rows = []
     for label, original, result in (("v1", first, v1), ("v2", second, v2)):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+from typing import NoReturn
 
 from cas import __version__
 from cas.errors import (
@@ -26,6 +27,7 @@ from . import (
     cmd_checkout,
     cmd_copy,
     cmd_debug,
+    cmd_find,
     cmd_gc,
     cmd_init,
     cmd_key,
@@ -35,6 +37,7 @@ from . import (
     cmd_repair,
     cmd_snapshot,
     cmd_stats,
+    cmd_tag,
     cmd_unlock,
 )
 from .context import add_global_options, print_json
@@ -52,6 +55,8 @@ _COMMANDS = [
     cmd_init,
     cmd_snapshot,
     cmd_log,
+    cmd_tag,
+    cmd_find,
     cmd_ls,
     cmd_checkout,
     cmd_copy,
@@ -66,15 +71,25 @@ _COMMANDS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that also reports a usage error as the JSON document under --json."""
+
+    json_requested = False
+
+    def error(self, message: str) -> NoReturn:
+        """Print the error (as JSON too when --json was given) and exit with code 2."""
+        if _Parser.json_requested:
+            print_json({"error": f"{self.prog}: {message}", "exit_code": EXIT_ERROR})
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every command."""
-    parser = argparse.ArgumentParser(
-        prog="cas", description="Deduplicating, encrypted snapshots of model files."
-    )
+    parser = _Parser(prog="cas", description="Deduplicating, encrypted snapshots of model files.")
     parser.add_argument("--version", action="version", version=f"cas {__version__}")
     parser.add_argument("--verbose", "-v", action="count", default=0, help="log more (repeatable)")
     add_global_options(parser, suppress=False)
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     add_global_options(parent, suppress=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _COMMANDS:
@@ -92,6 +107,7 @@ def exit_code_of(error: CasError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    _Parser.json_requested = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s: %(message)s")

@@ -158,7 +158,7 @@ class Planner:
         if node.damaged:
             log.warning("%s is marked damaged: %s", self.safe.display((*rel, name)), node.damaged)
         # An entry of another type is removed; one of the same type is reused or replaced.
-        existing = clear_way(name, dir_fd, node)
+        existing, present = clear_way(name, dir_fd, node)
         if node.type == "dir":
             if existing is None:
                 os.mkdir(name, 0o700, dir_fd=dir_fd)
@@ -171,7 +171,7 @@ class Planner:
             apply_entry_metadata(name, dir_fd, node)
             plan.symlinks += 1
         elif node.type == "file":
-            self._plan_file(node, (*rel, name), dir_fd, existing, plan)
+            self._plan_file(node, (*rel, name), dir_fd, existing, present, plan)
         else:
             self._make_special(node, dir_fd, rel, existing)
 
@@ -181,13 +181,19 @@ class Planner:
         rel: tuple[bytes, ...],
         dir_fd: int,
         existing: os.stat_result | None,
+        present: bool,
         plan: Plan,
     ) -> None:
+        """Plan one file: keep a trusted existing file, else write it new or beside the old one.
+
+        ``existing`` is the status of a regular file already at the path, and
+        ``present`` tells whether any entry was there before `clear_way`.
+        """
         # A later path of a hard-linked file is linked in `_make_links`, which
         # also replaces whatever file is at that path now.
         if self._plan_link(node, rel, plan):
             return
-        job = FileJob(rel, node, existed=existing is not None)
+        job = FileJob(rel, node, existed=present)
         number = len(plan.files)
         plan.files.append(job)
         if existing is not None and self._trusted(job, dir_fd):

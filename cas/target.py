@@ -90,17 +90,18 @@ def remove_entry(name: bytes, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def clear_way(name: bytes, dir_fd: int, node: Node) -> os.stat_result | None:
-    """Return the status of an existing entry of the node's type, removing one of another type.
+def clear_way(name: bytes, dir_fd: int, node: Node) -> tuple[os.stat_result | None, bool]:
+    """Return (status of an existing entry of the node's type, whether any entry was there).
 
-    A folder where a file goes is removed with its content, and a symlink or
-    file where a folder goes is unlinked, so the caller can create the entry.
+    An entry of another type is removed, so the caller can create the node's
+    entry: a folder where a file goes goes with all its content, and a
+    symlink or file where a folder goes is unlinked.
     """
     st = lstat_entry(name, dir_fd)
     if st is None or stat.S_IFMT(st.st_mode) == _FORMATS[node.type]:
-        return st
+        return st, st is not None
     remove_entry(name, dir_fd)
-    return None
+    return None, True
 
 
 def matches_special(name: bytes, dir_fd: int, node: Node, st: os.stat_result) -> bool:

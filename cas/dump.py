@@ -8,11 +8,11 @@ the output always lacks at least the file's last chunk, so it is never a
 complete-looking copy of damaged content.
 
 A folder becomes a tar stream (`tarfile` in stream mode ``w|``, POSIX pax
-format) with modes, times to the nanosecond as far as a pax time keeps
-them, owner ids and names, symlinks, device nodes, fifos, and hard links
-between paths that shared an inode at snapshot time. Member names are the
-snapshot paths without the leading "/", so ``tar -x`` in an empty folder
-recreates that part of the snapshot's layout.
+format) with modes, times to the nanosecond (in pax headers), owner ids
+and names, symlinks, device nodes, fifos, and hard links between paths that
+shared an inode at snapshot time. Extended attributes and sockets are left
+out. Member names are the snapshot paths without the leading "/", so
+``tar -x`` in an empty folder recreates that part of the snapshot's layout.
 """
 
 from __future__ import annotations
@@ -182,28 +182,32 @@ def _write_tar(
 
 
 def _walk(repo: Repository, snapshot: Snapshot, located: Located) -> Iterator[tuple[str, Node]]:
-    """Yield (member name, node) for the located entry and everything below it, folders first.
+    """Yield (member name, node) for the located entry and everything below it, depth first.
 
-    A stack, not recursion, walks the trees, because a stored tree can nest
-    deeper than Python's recursion limit allows.
+    A folder's content follows the folder directly: GNU tar 1.34 sets a
+    folder's times once the stream leaves it, so content that came later
+    would change them again. A stack of iterators, not recursion, walks the
+    trees, because a stored tree can nest deeper than Python's recursion
+    limit allows.
     """
     prefix = "/".join(os.fsdecode(part) for part in located.parts)
-    stack: list[tuple[str, bytes]] = []
+    stack: list[tuple[str, Iterator[Node]]] = []
     if located.node is None:
-        stack.append(("", snapshot.tree_id))
+        stack.append(("", iter(repo.load_tree(snapshot.tree_id))))
     else:
         yield prefix, located.node
         if located.node.type == "dir":
-            stack.append((prefix, located.node.subtree))
+            stack.append((prefix, iter(repo.load_tree(located.node.subtree))))
     while stack:
-        folder, tree_id = stack.pop()
-        below = []
-        for node in repo.load_tree(tree_id):
-            name = f"{folder}/{os.fsdecode(node.name)}" if folder else os.fsdecode(node.name)
-            yield name, node
-            if node.type == "dir":
-                below.append((name, node.subtree))
-        stack.extend(reversed(below))
+        folder, nodes = stack[-1]
+        node = next(nodes, None)
+        if node is None:
+            stack.pop()
+            continue
+        name = f"{folder}/{os.fsdecode(node.name)}" if folder else os.fsdecode(node.name)
+        yield name, node
+        if node.type == "dir":
+            stack.append((name, iter(repo.load_tree(node.subtree))))
 
 
 def _tar_info(
@@ -212,7 +216,10 @@ def _tar_info(
     """Return the tar header of one node, or None for a socket, which tar cannot hold."""
     info = tarfile.TarInfo(name)
     info.mode = node.mode
-    info.mtime = node.mtime_ns / 1e9
+    # The ustar field holds whole seconds; the pax header keeps every nanosecond,
+    # and tarfile lets an existing pax header take priority over the field.
+    info.mtime = node.mtime_ns // 1_000_000_000
+    info.pax_headers = {"mtime": _pax_time(node.mtime_ns)}
     info.uid, info.gid = node.uid, node.gid
     info.uname, info.gname = node.user, node.group
     if node.type == "dir":
@@ -249,3 +256,10 @@ def _mark_hard_link(
         info.type = tarfile.LNKTYPE
         info.linkname = first_name
         info.size = 0
+
+
+def _pax_time(time_ns: int) -> str:
+    """Return a time in nanoseconds as a pax decimal, such as "-1.500000000"."""
+    sign = "-" if time_ns < 0 else ""
+    seconds, fraction = divmod(abs(time_ns), 1_000_000_000)
+    return f"{sign}{seconds}.{fraction:09d}"

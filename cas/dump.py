@@ -8,9 +8,9 @@ the output always lacks at least the file's last chunk, so it is never a
 complete-looking copy of damaged content.
 
 A folder becomes a tar stream (`tarfile` in stream mode ``w|``, POSIX pax
-format) with modes, times to the nanosecond (in pax headers), owner ids
-and names, symlinks, device nodes, fifos, and hard links between paths that
-shared an inode at snapshot time. Extended attributes and sockets are left
+format). It records modes, times to the nanosecond (in pax headers), owner
+ids and names, symlinks, device nodes and fifos. Paths that shared an inode
+at snapshot time become hard links. Extended attributes and sockets are left
 out. Member names are the snapshot paths without the leading "/", so
 ``tar -x`` in an empty folder recreates that part of the snapshot's layout.
 """
@@ -128,16 +128,22 @@ class _ContentReader:
 
 
 def dump(
-    repo: Repository, snapshot: Snapshot, path: str, out: BinaryIO, archive: bool = False
+    repo: Repository,
+    snapshot: Snapshot,
+    path: str,
+    out: BinaryIO,
+    archive: bool = False,
+    wait: float = 0.0,
 ) -> DumpResult:
     """Write ``path`` of the snapshot to ``out``: a file's bytes, or a tar stream.
 
     A folder (or the root) is always written as tar; ``archive`` also writes a
-    single file as a tar stream of one member. Holds a shared lock, so gc
-    deletes no pack while it is read.
+    single file as a tar stream of one member. Holds a shared lock, waiting
+    up to ``wait`` seconds for a conflicting one, so gc deletes no pack while
+    it is read.
     """
     started = time.monotonic()
-    with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="dump"):
+    with RepositoryLock(repo.backend, repo.keys, exclusive=False, operation="dump", wait=wait):
         repo.index.sync()
         located = locate(repo, snapshot.tree_id, path)
         writer = _CountingWriter(out)
@@ -216,8 +222,8 @@ def _tar_info(
     """Return the tar header of one node, or None for a socket, which tar cannot hold."""
     info = tarfile.TarInfo(name)
     info.mode = node.mode
-    # The ustar field holds whole seconds; the pax header keeps every nanosecond,
-    # and tarfile lets an existing pax header take priority over the field.
+    # The ustar field has whole seconds and the pax header every nanosecond.
+    # tarfile gives a pax header set here priority over the field.
     info.mtime = node.mtime_ns // 1_000_000_000
     info.pax_headers = {"mtime": _pax_time(node.mtime_ns)}
     info.uid, info.gid = node.uid, node.gid

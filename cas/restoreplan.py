@@ -3,10 +3,10 @@
 The planner creates folders (mode 0700 until the end), symlinks, special
 files and empty new files, and lists every (chunk id, file, offset) that the
 content phase must write. Into a target that is not empty it decides per
-entry: an entry of another type is removed, a symlink or special file that
-differs is replaced, an existing file that `cas.target.is_trusted` accepts
-is kept, and any other existing file gets a temporary file beside it that
-the content phase fills. Nothing here writes file content.
+entry. An entry of another type is removed, and a symlink or special file
+that differs is replaced. An existing file that `cas.target.is_trusted`
+accepts is kept. Any other existing file gets a temporary file beside it,
+which the content phase fills. Nothing here writes file content.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class FileJob:
     verified: bool = False
     # Whether an entry of that name was in the target before the checkout.
     existed: bool = False
-    # Set when the existing file already holds the content and is left alone.
+    # Set when the existing file already has the content and is left alone.
     kept: bool = False
     # Set on a later path of a hard-linked file, which is linked, not written.
     link: bool = False
@@ -120,8 +120,8 @@ class Planner:
     ) -> list[tuple[bytes, tuple[bytes, ...], Selection | None]]:
         """Create one folder's selected entries; return its sub-folders to plan next.
 
-        ``chosen`` is None when the whole folder is checked out; otherwise only
-        the entries it names are, and the folder keeps entries it does not name.
+        ``chosen`` is None when the whole folder is checked out. Otherwise only
+        the entries it names are checked out, and the folder keeps the others.
         """
         # A tree that cannot be read loses its folder's content only; the
         # folders beside it are still restored.
@@ -141,17 +141,31 @@ class Planner:
                 for name in sorted(os.fsencode(entry) for entry in os.listdir(dir_fd)):
                     if name not in wanted:
                         plan.extras.append((rel, name))
-            for node in nodes:
-                self._plan_node(node, rel, dir_fd, plan)
+            failed = {node.name for node in nodes if not self._try_node(node, rel, dir_fd, plan)}
         finally:
             os.close(dir_fd)
         children = []
         for node in nodes:
-            if node.type == "dir":
+            if node.type == "dir" and node.name not in failed:
                 plan.dirs.append(DirJob((*rel, node.name), node))
                 below = None if chosen is None else chosen[node.name]
                 children.append((node.subtree, (*rel, node.name), below))
         return children
+
+    def _try_node(self, node: Node, rel: tuple[bytes, ...], dir_fd: int, plan: Plan) -> bool:
+        """Plan one entry; record a file-system error for its path and return False."""
+        path = (*rel, node.name)
+        try:
+            self._plan_node(node, rel, dir_fd, plan)
+        except OSError as exc:
+            reason = f"write failed: {exc.strerror or exc}"
+            log.error("%s: %s", self.safe.display(path), reason)
+            if plan.files and plan.files[-1].rel == path:
+                plan.files[-1].error = reason
+            else:
+                plan.lost.append((path, reason))
+            return False
+        return True
 
     def _plan_node(self, node: Node, rel: tuple[bytes, ...], dir_fd: int, plan: Plan) -> None:
         name = node.name
@@ -187,7 +201,7 @@ class Planner:
         """Plan one file: keep a trusted existing file, else write it new or beside the old one.
 
         ``existing`` is the status of a regular file already at the path, and
-        ``present`` tells whether any entry was there before `clear_way`.
+        ``present`` is whether any entry was there before `clear_way`.
         """
         # A later path of a hard-linked file is linked in `_make_links`, which
         # also replaces whatever file is at that path now.

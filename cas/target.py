@@ -1,11 +1,12 @@
 """File-system work on a checkout target: safe opens, replacing entries, metadata, digests.
 
 Every function here works relative to a folder descriptor and never follows
-a symlink: folders are opened step by step with ``O_NOFOLLOW``, entries are
-examined with ``lstat``, and removal goes through `shutil.rmtree` with a
+a symlink. Folders are opened step by step with ``O_NOFOLLOW`` and entries
+are examined with ``lstat``. Removal goes through `shutil.rmtree` with a
 ``dir_fd``, which on Linux walks by descriptor and unlinks a symlink rather
-than entering it. So neither a crafted tree nor a symlink that already
-exists in the target can make a checkout touch anything outside it.
+than entering it (``shutil.rmtree.avoids_symlink_attacks``). So neither a
+crafted tree nor a symlink that already exists in the target can make a
+checkout touch anything outside it.
 
 A rollback (a checkout into a folder that is not empty) keeps an existing
 file only when it is trusted: it is a regular file whose size and mtime in
@@ -93,9 +94,9 @@ def remove_entry(name: bytes, dir_fd: int) -> None:
 def clear_way(name: bytes, dir_fd: int, node: Node) -> tuple[os.stat_result | None, bool]:
     """Return (status of an existing entry of the node's type, whether any entry was there).
 
-    An entry of another type is removed, so the caller can create the node's
-    entry: a folder where a file goes goes with all its content, and a
-    symlink or file where a folder goes is unlinked.
+    An entry of another type is removed, so that the caller can create the
+    node's entry. A folder where a file goes is removed with all its content,
+    and a symlink or file where a folder goes is unlinked.
     """
     st = lstat_entry(name, dir_fd)
     if st is None or stat.S_IFMT(st.st_mode) == _FORMATS[node.type]:
@@ -114,7 +115,7 @@ def matches_special(name: bytes, dir_fd: int, node: Node, st: os.stat_result) ->
 
 
 def is_trusted(name: bytes, dir_fd: int, node: Node, threads: int) -> bool:
-    """Return whether an existing regular file already holds the node's content.
+    """Return whether an existing regular file already has the node's content.
 
     Only a file whose size and mtime match is read; see the module docstring.
     """

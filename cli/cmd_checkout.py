@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         # Failures to write into or delete from the target (disk full, too many
-        # files, no permission) are operational errors; anything else means the
-        # repository is damaged.
+        # files, no permission) are operational errors. Any other failure means
+        # that the repository is damaged.
         if all(error.startswith(("write failed", "delete failed")) for _, error in result.failed):
             return EXIT_OPERATIONAL
         return EXIT_INTEGRITY
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         info(
             args,
             f"{result.unchanged} files unchanged, {result.rewritten} rewritten, "
-            f"{result.created} created, {result.deleted} entries deleted, "
+            f"{result.created} created, {result.deleted} deleted; "
             f"{human_size(result.bytes_written)} written",
         )
     return EXIT_WARNINGS if args.snapshot == "latest" and repo.skipped_snapshots else 0

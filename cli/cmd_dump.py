@@ -13,6 +13,7 @@ from cas.errors import UsageError
 from cas.repository import Repository
 from cas.snapshot import Snapshot
 
+from .cmd_unlock import add_wait_option
 from .context import human_size, open_repository, print_json
 
 
@@ -33,6 +34,7 @@ def register(
         choices=["tar"],
         help="archive format; a folder is always written as tar, a file only with this option",
     )
+    add_wait_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -50,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         snapshot = repo.resolve_snapshot(args.snapshot)
         if args.output is None:
             sys.stdout.flush()
-            result = dump(repo, snapshot, args.path, sys.stdout.buffer, args.archive == "tar")
+            result = dump(
+                repo, snapshot, args.path, sys.stdout.buffer, args.archive == "tar", args.wait
+            )
             sys.stdout.buffer.flush()
         else:
             result = _dump_to_file(repo, snapshot, args)
@@ -100,7 +104,7 @@ def _dump_to_file(repo: Repository, snapshot: Snapshot, args: argparse.Namespace
 def _dump_into(
     repo: Repository, snapshot: Snapshot, args: argparse.Namespace, out: BinaryIO
 ) -> DumpResult:
-    result = dump(repo, snapshot, args.path, out, args.archive == "tar")
+    result = dump(repo, snapshot, args.path, out, args.archive == "tar", args.wait)
     out.flush()
     os.fsync(out.fileno())
     return result

@@ -1,10 +1,10 @@
 """Rollback and partial checkout: `Restorer` into folders that are not empty, and --include.
 
-A rollback target starts as a checkout of the snapshot and is then changed: files made
-longer, shorter or different at the same size and mtime, files added and removed, a folder
-and a file swapped, symlinks pointing elsewhere or outside. After the rollback the target
-must equal the snapshot again, files that still matched must keep their inode, and nothing
-outside the target may change.
+A rollback target starts as a checkout of the snapshot and is then changed. Files become
+longer, shorter, or different at the same size and mtime. Files are added and removed, a
+folder and a file swap places, and symlinks point elsewhere or outside. After the rollback
+the target must equal the snapshot again, and files that still matched must keep their
+inode. Nothing outside the target may change.
 """
 
 from __future__ import annotations
@@ -440,3 +440,23 @@ def test_cli_delete_needs_overwrite(cli_repo, run_cas, tmp_path):
     result = run_cas("checkout", "latest", tmp_path / "dest", "--delete", expect=2)
 
     assert "--overwrite" in result.stderr
+
+
+def test_rollback_large_file_streamed(repo, tmp_path):
+    """A file of 16 MiB or more is rewritten through the streaming path, into a temporary file."""
+    source = tmp_path / "large"
+    source.mkdir()
+    content = random_bytes(17 << 20, 30)
+    (source / "shard.bin").write_bytes(content)
+    snapshot = Archiver(repo, SnapshotOptions(threads=1)).run([str(source)]).snapshot
+    dest = tmp_path / "dest"
+    checkout(repo, snapshot, dest)
+    (dest / "shard.bin").write_bytes(content[: 3 << 20] + random_bytes(15 << 20, 31))
+    number = inode(dest / "shard.bin")
+
+    result = checkout(repo, snapshot, dest, overwrite=True)
+
+    assert result.failed == ()
+    assert result.rewritten == 1
+    assert inode(dest / "shard.bin") != number
+    assert (dest / "shard.bin").read_bytes() == content

@@ -43,3 +43,16 @@ def test_inner_loop_benchmarks_run() -> None:
 
     assert result.returncode == 0, result.stdout[-2000:]
     assert " passed" in result.stdout
+
+
+def test_rollback_benchmark_tiny() -> None:
+    command = [sys.executable, "-m", "benchmarks.rollback_bench", "--size-gib", "0.01"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    document = json.loads(result.stdout[result.stdout.index("{") :])
+    rows = {row["scenario"]: row for row in document["results"]}
+    assert list(rows) == ["fresh", "unchanged-cold", "unchanged-warm", "one-shard", "touched"]
+    assert rows["unchanged-warm"]["bytes_written"] == 0
+    assert rows["one-shard"]["rewritten"] == 1
+    assert rows["touched"]["rewritten"] == 4

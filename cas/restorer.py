@@ -393,6 +393,10 @@ class Restorer:
             try:
                 if job.kept:
                     self._finish_kept(job)
+                elif job.error and job.existed and not job.temp:
+                    # Planning failed before a temporary file existed, so the path
+                    # may still hold the old file: truncating it would destroy it.
+                    pass
                 else:
                     self._finish_file(job)
             except (OSError, IntegrityError) as exc:

@@ -460,3 +460,26 @@ def test_rollback_large_file_streamed(repo, tmp_path):
     assert result.rewritten == 1
     assert inode(dest / "shard.bin") != number
     assert (dest / "shard.bin").read_bytes() == content
+
+
+def test_temp_file_failure_keeps_old_file(repo, snapshot, tmp_path, monkeypatch):
+    """A full disk when the temporary file is created must leave the old file untouched."""
+    import errno
+
+    import cas.restoreplan
+
+    dest = tmp_path / "dest"
+    checkout(repo, snapshot, dest)
+    old = b"old content that is longer than the snapshot's file" * 1000
+    (dest / "shorter.bin").write_bytes(old)
+
+    def no_space(dir_fd: int) -> bytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # Fault injection: the real create_temp, failing as it would on a full disk.
+    monkeypatch.setattr(cas.restoreplan, "create_temp", no_space)
+    result = checkout(repo, snapshot, dest, overwrite=True)
+
+    assert [path for path, _ in result.failed] == [str(dest / "shorter.bin")]
+    assert result.failed[0][1].startswith("write failed")
+    assert (dest / "shorter.bin").read_bytes() == old

@@ -7,11 +7,13 @@ are in docs/commands/checkout.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cas.errors import UsageError
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
+from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import ProgressLine
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 "created": result.created,
                 "deleted": result.deleted,
                 "bytes_written": result.bytes_written,
-                "include": list(args.include),
+                "include": [printable(os.fsencode(path)) for path in args.include],
                 "seconds": round(result.seconds, 3),
                 "failed": [{"path": path, "error": error} for path, error in result.failed],
             }

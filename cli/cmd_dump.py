@@ -13,6 +13,7 @@ from cas.errors import UsageError
 from cas.repository import Repository
 from cas.snapshot import Snapshot
 
+from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
 from .context import human_size, open_repository, print_json
 
@@ -58,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.buffer.flush()
         else:
             result = _dump_to_file(repo, snapshot, args)
+    # Names that are not UTF-8 appear with \xNN escapes, as `cas ls` shows them.
+    shown = printable(os.fsencode(result.path))
     if args.json:
         print_json(
             {
                 "id": snapshot.snapshot_hex,
-                "path": result.path,
+                "path": shown,
                 "format": result.format,
                 "output": args.output,
                 "files": result.files,
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
     elif not args.quiet:
         print(
-            f"dumped {result.path} as {result.format}: {result.files} files, "
+            f"dumped {shown} as {result.format}: {result.files} files, "
             f"{human_size(result.bytes_written)} written",
             file=sys.stderr,
         )

@@ -338,3 +338,27 @@ def test_dump_missing_path(cli_repo, stored):
     assert result.returncode == 2
     assert b"/tokenizer/nothing" in result.stderr
     assert result.stdout == b""
+
+
+@needs_tar
+def test_dump_non_utf8_names(cli_repo, run_cas, tmp_path):
+    source = tmp_path / "odd"
+    source.mkdir()
+    os.mkdir(os.fsencode(source) + b"/d\xff")
+    with open(os.fsencode(source) + b"/d\xff/caf\xe9.txt", "wb") as file:
+        file.write(b"latin-1 name")
+    run_cas("snapshot", source, "--quiet")
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    output = tmp_path / "odd.tar"
+
+    result = run_dump(cli_repo, "latest", "/", "-o", output, "--json")
+    tar = subprocess.run(
+        ["tar", "-x", "-f", str(output), "-C", str(extracted)], capture_output=True, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == "/"
+    assert tar.returncode == 0, tar.stderr
+    with open(os.fsencode(extracted) + b"/d\xff/caf\xe9.txt", "rb") as file:
+        assert file.read() == b"latin-1 name"

@@ -2,8 +2,9 @@
 
 Phases:
 
-1. Plan: walk the snapshot's trees, create folders, symlinks and empty
-   files, and list every (chunk id, file, offset) that must be written.
+1. Plan (`cas.restoreplan`): walk the snapshot's trees, create folders,
+   symlinks and empty files, and list every (chunk id, file, offset) that
+   must be written.
 2. Content: group the needed chunks by pack, read each pack's needed range
    once, decrypt and verify each blob on a pool of threads, and write it
    with ``os.pwrite`` at every offset that needs it. All-zero chunks are

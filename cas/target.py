@@ -9,11 +9,12 @@ crafted tree nor a symlink that already exists in the target can make a
 checkout touch anything outside it.
 
 A rollback (a checkout into a folder that is not empty) keeps an existing
-file only when it is trusted: it is a regular file whose size and mtime in
-nanoseconds equal the node's, and whose BLAKE3 digest, read from the disk
-now, equals the node's digest. When the size or mtime differs the file is
-rewritten without being read, because a checkpoint rewritten in place
-usually keeps its size and always gets a new mtime.
+file only when it is trusted. A trusted file is a regular file whose size
+and mtime in nanoseconds equal the node's. Its BLAKE3 digest, read from the
+disk during the checkout, must also equal the node's digest. When the size
+or mtime differs, the file is rewritten without being read, because a
+checkpoint rewritten in place usually keeps its size and always gets a new
+mtime.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import getpass
+import grp
 import logging
 import os
+import pwd
 import queue
 import socket
 import stat
@@ -636,6 +639,8 @@ def _meta_node(name: bytes, kind: str, st: os.stat_result, **extra: object) -> N
         "mode": stat.S_IMODE(st.st_mode),
         "uid": st.st_uid,
         "gid": st.st_gid,
+        "user": _user_of(st.st_uid),
+        "group": _group_of(st.st_gid),
         "mtime_ns": st.st_mtime_ns,
         "ctime_ns": st.st_ctime_ns,
         "inode": st.st_ino,
@@ -645,6 +650,24 @@ def _meta_node(name: bytes, kind: str, st: os.stat_result, **extra: object) -> N
     }
     values.update(extra)
     return Node(**values)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _user_of(uid: int) -> str:
+    """Return the name of a user id, or "" when the system has none (a tar reader falls back)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@functools.cache
+def _group_of(gid: int) -> str:
+    """Return the name of a group id, or "" when the system has none."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
 
 
 def _user_name() -> str:

@@ -2,14 +2,24 @@
 
 Phases:
 
-1. Plan: walk the snapshot's trees, create folders, symlinks and empty
-   files, and list every (chunk id, file, offset) that must be written.
+1. Plan (`cas.restoreplan`): walk the snapshot's trees, create folders,
+   symlinks and empty files, and list every (chunk id, file, offset) that
+   must be written.
 2. Content: group the needed chunks by pack, read each pack's needed range
    once, decrypt and verify each blob on a pool of threads, and write it
    with ``os.pwrite`` at every offset that needs it. All-zero chunks are
    recognised by id and never read nor written, so they stay holes.
 3. Finish: truncate each file to its size, verify its whole-content BLAKE3
-   digest, then restore modes and times (folders last, deepest first).
+   digest, move rewritten files over the old ones, make hard links, delete
+   entries the snapshot lacks (with ``delete``), then restore modes and
+   times (folders last, deepest first).
+
+Rollback: into a folder that is not empty (``overwrite``), an existing file
+that `cas.target.is_trusted` accepts is kept as it is. Any other existing
+file is rewritten whole under a temporary name in its folder and renamed
+over the old one only once its digest is verified, so a checkout that fails
+or stops half way leaves the old file intact. Entries of another type are
+replaced. ``include`` restricts the checkout to some paths of the snapshot.
 
 Safety: every name comes from a validated tree (no "", ".", "..", "/" or
 NUL), and every file or folder is opened relative to its parent folder's
@@ -23,25 +33,31 @@ import errno
 import logging
 import mmap
 import os
-import stat
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-
-import blake3
+from dataclasses import dataclass
 
 from cas.crypto import TAG_SIZE
 from cas.errors import CasError, IntegrityError, UsageError
 from cas.index import BlobLocation, pack_name
 from cas.locks import RepositoryLock
 from cas.pack import PROLOGUE_SIZE, BlobOpener, parse_prologue
+from cas.paths import Selection, build_selection
 from cas.repository import Repository
+from cas.restoreplan import FileJob, Plan, Planner
 from cas.snapshot import Snapshot
-from cas.streamrestore import STREAM_MIN_SIZE, restore_stream
-from cas.tree import Node
+from cas.streamrestore import restore_stream
+from cas.target import (
+    TEMP_PREFIX,
+    SafeTree,
+    apply_metadata,
+    digest_fd,
+    lstat_entry,
+    remove_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +70,20 @@ _MAX_OPEN_FILES = 32
 
 @dataclass
 class CheckoutOptions:
-    """Options of a checkout: overwrite, threads, memory bound and lock wait."""
+    """Options of a checkout: rollback, partial checkout, threads, memory bound and lock wait.
+
+    ``overwrite`` allows a target that is not empty and rolls it back to the
+    snapshot. ``delete`` also removes entries the snapshot lacks, in the
+    folders that are checked out whole. ``include`` lists snapshot paths to
+    restore (as `cas ls` shows them); empty means the whole snapshot.
+    """
 
     overwrite: bool = False
     threads: int = 0
     memory_limit: int = 256 << 20
     wait: float = 0.0
+    delete: bool = False
+    include: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,7 +97,14 @@ class CheckoutProgress:
 
 @dataclass(frozen=True)
 class CheckoutResult:
-    """Summary of a checkout; ``failed`` names each path that could not be restored."""
+    """Summary of a checkout; ``failed`` names each path that could not be restored.
+
+    ``files`` counts every file path checked out: ``unchanged`` ones were kept
+    as they were, ``rewritten`` ones replaced an existing file, ``created``
+    ones are new. ``deleted`` counts entries removed because the snapshot
+    lacks them (a folder counts once). ``bytes_written`` is the logical size
+    of the files written, holes included; hard links add nothing to it.
+    """
 
     files: int
     dirs: int
@@ -81,64 +112,11 @@ class CheckoutResult:
     bytes_total: int
     failed: tuple[tuple[str, str], ...]
     seconds: float
-
-
-@dataclass
-class _FileJob:
-    rel: tuple[bytes, ...]
-    node: Node
-    error: str = ""
-    # Set when the content digest was checked while writing (the streaming path).
-    verified: bool = False
-
-
-@dataclass
-class _DirJob:
-    rel: tuple[bytes, ...]
-    node: Node | None
-
-
-@dataclass
-class _Plan:
-    files: list[_FileJob] = field(default_factory=list)
-    dirs: list[_DirJob] = field(default_factory=list)
-    symlinks: int = 0
-    # chunk id -> [(file number, offset in file)]
-    targets: dict[bytes, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
-    sizes: dict[bytes, int] = field(default_factory=dict)
-    # Folders whose tree could not be read: (path below the target, reason).
-    lost: list[tuple[tuple[bytes, ...], str]] = field(default_factory=list)
-    # (device, inode) at snapshot time -> number of the first file restored for it.
-    link_sources: dict[tuple[int, int], int] = field(default_factory=dict)
-    # (path of a later hard link, number of the file it links to)
-    links: list[tuple[tuple[bytes, ...], int]] = field(default_factory=list)
-    # Numbers of the large files restored in file order by `restore_stream`.
-    streams: list[int] = field(default_factory=list)
-
-
-class _SafeTree:
-    """Opens paths below the target folder without following any symlink."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-
-    def close(self) -> None:
-        os.close(self.root_fd)
-
-    def open_dir(self, rel: tuple[bytes, ...]) -> int:
-        """Open a folder below the root, refusing symlinks at every step."""
-        fd = os.dup(self.root_fd)
-        for part in rel:
-            try:
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            finally:
-                os.close(fd)
-            fd = child
-        return fd
-
-    def display(self, rel: tuple[bytes, ...]) -> str:
-        return os.path.join(self.root, *(os.fsdecode(part) for part in rel))
+    unchanged: int = 0
+    rewritten: int = 0
+    created: int = 0
+    deleted: int = 0
+    bytes_written: int = 0
 
 
 class Restorer:
@@ -171,7 +149,7 @@ class Restorer:
     def run(self) -> CheckoutResult:
         """Restore the snapshot; files that fail are listed in the result, not raised."""
         started = time.monotonic()
-        self._prepare_target()
+        self._check_target()
         # A shared lock keeps gc from deleting packs while they are read; the
         # index is synced under it, so it names no pack a finished gc removed.
         with RepositoryLock(
@@ -182,37 +160,54 @@ class Restorer:
             wait=self.options.wait,
         ):
             self.repo.index.sync()
-            plan = self._restore()
+            # Every include is looked up before the target is created or changed.
+            selection = None
+            if self.options.include:
+                selection = build_selection(
+                    self.repo, self.snapshot.tree_id, list(self.options.include)
+                )
+            self._create_target()
+            plan = self._restore(selection)
         return self._result(plan, started)
 
-    def _restore(self) -> _Plan:
-        self.safe = _SafeTree(self.target)
+    def _restore(self, selection: Selection | None) -> Plan:
+        self.safe = SafeTree(self.target)
+        plan = Plan()
         try:
-            plan = _Plan()
-            self._plan_trees(plan)
-            self.progress.bytes_total = sum(job.node.size for job in plan.files)
+            planner = Planner(self.repo, self.safe, self.options.delete, self.threads)
+            planner.build(plan, self.snapshot.tree_id, selection)
+            self.progress.bytes_total = sum(job.node.size for job in plan.files if not job.kept)
             self._write_content(plan)
             self._finish_files(plan)
             self._make_links(plan)
+            self._delete_extras(plan)
             self._finish_dirs(plan)
         finally:
+            # After a failure or an interrupt, no temporary file stays behind.
+            self._remove_temps(plan)
             self.safe.close()
         return plan
 
-    def _result(self, plan: _Plan, started: float) -> CheckoutResult:
+    def _result(self, plan: Plan, started: float) -> CheckoutResult:
         failed = tuple((self.safe.display(rel), reason) for rel, reason in plan.lost) + tuple(
             (self.safe.display(job.rel), job.error) for job in plan.files if job.error
         )
+        done = [job for job in plan.files if not job.error]
         return CheckoutResult(
             files=len(plan.files),
             dirs=len(plan.dirs),
             symlinks=plan.symlinks,
-            bytes_total=self.progress.bytes_total,
+            bytes_total=sum(job.node.size for job in plan.files),
             failed=failed,
             seconds=time.monotonic() - started,
+            unchanged=sum(job.kept for job in done),
+            rewritten=sum(job.existed and not job.kept for job in done),
+            created=sum(not job.existed for job in done),
+            deleted=plan.deleted,
+            bytes_written=sum(job.node.size for job in done if not job.kept and not job.link),
         )
 
-    def _prepare_target(self) -> None:
+    def _check_target(self) -> None:
         if os.path.lexists(self.target) and not os.path.isdir(self.target):
             raise UsageError(f"checkout target {self.target} exists and is not a folder")
         if os.path.isdir(self.target) and os.listdir(self.target) and not self.options.overwrite:
@@ -220,122 +215,14 @@ class Restorer:
                 f"checkout target {self.target} is not empty; choose an empty or new folder, "
                 f"or pass --overwrite"
             )
+
+    def _create_target(self) -> None:
         try:
             os.makedirs(self.target, exist_ok=True)
         except OSError as exc:
             raise UsageError(
                 f"cannot create checkout target {self.target}: {exc.strerror}"
             ) from None
-
-    # Phase 1: plan and create the skeleton
-
-    def _plan_trees(self, plan: _Plan) -> None:
-        """Plan every folder depth first, with a stack rather than recursion.
-
-        A stored tree can nest deeper than Python's recursion limit allows.
-        """
-        stack: list[tuple[bytes, tuple[bytes, ...]]] = [(self.snapshot.tree_id, ())]
-        while stack:
-            tree_id, rel = stack.pop()
-            children = self._plan_dir(tree_id, rel, plan)
-            stack.extend(reversed(children))
-
-    def _plan_dir(
-        self, tree_id: bytes, rel: tuple[bytes, ...], plan: _Plan
-    ) -> list[tuple[bytes, tuple[bytes, ...]]]:
-        """Create one folder's entries; return its sub-folders' (tree id, path)."""
-        # A tree that cannot be read loses its folder's content only; the
-        # folders beside it are still restored.
-        try:
-            nodes = self.repo.load_tree(tree_id)
-        except CasError as exc:
-            reason = f"folder content lost: tree {tree_id.hex()} is unreadable: {exc}"
-            log.error("%s: %s", self.safe.display(rel), reason)
-            plan.lost.append((rel, reason))
-            return []
-        dir_fd = self.safe.open_dir(rel)
-        try:
-            for node in nodes:
-                self._plan_node(node, rel, dir_fd, plan)
-        finally:
-            os.close(dir_fd)
-        children = []
-        for node in nodes:
-            if node.type == "dir":
-                plan.dirs.append(_DirJob((*rel, node.name), node))
-                children.append((node.subtree, (*rel, node.name)))
-        return children
-
-    def _plan_node(self, node: Node, rel: tuple[bytes, ...], dir_fd: int, plan: _Plan) -> None:
-        name = node.name
-        if node.damaged:
-            log.warning("%s is marked damaged: %s", self.safe.display((*rel, name)), node.damaged)
-        if node.type == "dir":
-            try:
-                os.mkdir(name, 0o700, dir_fd=dir_fd)
-            except FileExistsError:
-                _require_real_dir(name, dir_fd, self.safe.display((*rel, name)))
-        elif node.type == "symlink":
-            _remove_existing(name, dir_fd)
-            os.symlink(node.target, name, dir_fd=dir_fd)
-            _apply_entry_metadata(name, dir_fd, node)
-            plan.symlinks += 1
-        elif node.type == "file":
-            _remove_existing(name, dir_fd)
-            if self._plan_link(node, (*rel, name), plan):
-                return
-            fd = os.open(
-                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
-            )
-            os.close(fd)
-            number = len(plan.files)
-            plan.files.append(_FileJob((*rel, name), node))
-            if node.size >= STREAM_MIN_SIZE:
-                plan.streams.append(number)
-                return
-            offset = 0
-            for chunk_id, size in zip(node.chunk_ids, node.sizes, strict=True):
-                plan.targets[chunk_id].append((number, offset))
-                plan.sizes[chunk_id] = size
-                offset += size
-        else:
-            self._make_special(node, dir_fd, rel)
-
-    def _plan_link(self, node: Node, rel: tuple[bytes, ...], plan: _Plan) -> bool:
-        """Return whether ``node`` is a later path of a hard-linked file already planned.
-
-        Paths that shared an inode at snapshot time and still have the same
-        content become hard links to the first restored path.
-        """
-        if node.nlink < 2 or not node.inode:
-            return False
-        key = (node.device, node.inode)
-        first = plan.link_sources.get(key)
-        if first is None:
-            plan.link_sources[key] = len(plan.files)
-            return False
-        source = plan.files[first].node
-        if (source.size, source.digest) != (node.size, node.digest):
-            return False
-        plan.links.append((rel, first))
-        return True
-
-    def _make_special(self, node: Node, dir_fd: int, rel: tuple[bytes, ...]) -> None:
-        _remove_existing(node.name, dir_fd)
-        kinds = {"fifo": stat.S_IFIFO, "chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK}
-        if node.type not in kinds:
-            log.warning(
-                "not restoring %s of type %s", self.safe.display((*rel, node.name)), node.type
-            )
-            return
-        try:
-            os.mknod(node.name, kinds[node.type] | node.mode, node.rdev, dir_fd=dir_fd)
-        except PermissionError:
-            log.warning("no permission to create device %s", self.safe.display((*rel, node.name)))
-            return
-        # mknod applies the umask; the entry was just created, so chmod follows no symlink.
-        os.chmod(node.name, node.mode, dir_fd=dir_fd)
-        _apply_entry_metadata(node.name, dir_fd, node)
 
     # Phase 2: content
 
@@ -346,7 +233,7 @@ class Restorer:
             self._zero_ids[size] = zero_id
         return zero_id
 
-    def _write_content(self, plan: _Plan) -> None:
+    def _write_content(self, plan: Plan) -> None:
         by_pack: dict[bytes, list[tuple[bytes, BlobLocation]]] = defaultdict(list)
         for chunk_id in plan.targets:
             if chunk_id == self._zero_id(plan.sizes[chunk_id]):
@@ -372,7 +259,7 @@ class Restorer:
         for number in plan.streams:
             self._stream_file(plan.files[number])
 
-    def _stream_file(self, job: _FileJob) -> None:
+    def _stream_file(self, job: FileJob) -> None:
         """Restore a large file in order with direct I/O; see `cas.streamrestore`."""
         direct = hasattr(os, "O_DIRECT")
         try:
@@ -404,7 +291,7 @@ class Restorer:
         return buffers
 
     def _restore_pack(
-        self, plan: _Plan, pack_id: bytes, blobs: list[tuple[bytes, BlobLocation]]
+        self, plan: Plan, pack_id: bytes, blobs: list[tuple[bytes, BlobLocation]]
     ) -> None:
         name = pack_name(pack_id)
         blobs.sort(key=lambda item: item[1].offset)
@@ -460,7 +347,7 @@ class Restorer:
                 os.close(fd)
 
     def _pwrite(
-        self, plan: _Plan, fds: dict[int, int], number: int, data: bytes | memoryview, offset: int
+        self, plan: Plan, fds: dict[int, int], number: int, data: bytes | memoryview, offset: int
     ) -> None:
         job = plan.files[number]
         if job.error:
@@ -481,14 +368,14 @@ class Restorer:
         except OSError as exc:
             job.error = f"write failed: {exc.strerror}"
 
-    def _open_file(self, job: _FileJob, flags: int) -> int:
+    def _open_file(self, job: FileJob, flags: int) -> int:
         dir_fd = self.safe.open_dir(job.rel[:-1])
         try:
-            return os.open(job.rel[-1], flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+            return os.open(job.write_name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
 
-    def _fail(self, plan: _Plan, chunk_id: bytes, reason: str) -> None:
+    def _fail(self, plan: Plan, chunk_id: bytes, reason: str) -> None:
         log.error("%s", reason)
         for number, _ in plan.targets.get(chunk_id, []):
             if not plan.files[number].error:
@@ -502,35 +389,83 @@ class Restorer:
 
     # Phase 3: sizes, digests, metadata
 
-    def _finish_files(self, plan: _Plan) -> None:
+    def _finish_files(self, plan: Plan) -> None:
         for job in plan.files:
             try:
-                self._finish_file(job)
+                if job.kept:
+                    self._finish_kept(job)
+                elif job.error and job.existed and not job.temp:
+                    # Planning failed before a temporary file existed, so the path
+                    # may still hold the old file: truncating it would destroy it.
+                    pass
+                else:
+                    self._finish_file(job)
             except (OSError, IntegrityError) as exc:
                 job.error = job.error or str(exc)
             self.progress.files_done += 1
 
-    def _finish_file(self, job: _FileJob) -> None:
+    def _finish_file(self, job: FileJob) -> None:
         fd = self._open_file(job, os.O_RDWR)
         try:
             os.ftruncate(fd, job.node.size)
             if (
                 not job.error
                 and not job.verified
-                and _digest_fd(fd, job.node.size, self.threads) != job.node.digest
+                and digest_fd(fd, job.node.size, self.threads) != job.node.digest
             ):
                 job.error = "content does not match the digest recorded in the snapshot"
             # A file that failed keeps mode 0600 and the time of the checkout, so
             # tools that compare size and mtime do not take it for the original.
             if not job.error:
-                _apply_metadata(fd, job.node)
+                apply_metadata(fd, job.node)
+        finally:
+            os.close(fd)
+        if job.temp:
+            self._replace_with_temp(job)
+
+    def _replace_with_temp(self, job: FileJob) -> None:
+        """Rename a verified rewrite over the old file; a failed one is dropped."""
+        dir_fd = self.safe.open_dir(job.rel[:-1])
+        try:
+            if job.error:
+                os.unlink(job.temp, dir_fd=dir_fd)
+                job.error += "; the existing file was left as it was"
+            else:
+                os.rename(job.temp, job.rel[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            job.temp = b""
+        finally:
+            os.close(dir_fd)
+
+    def _finish_kept(self, job: FileJob) -> None:
+        """Set the mode, owner and times of a kept file; its content is not touched."""
+        fd = self._open_file(job, os.O_RDONLY)
+        try:
+            apply_metadata(fd, job.node)
         finally:
             os.close(fd)
 
-    def _make_links(self, plan: _Plan) -> None:
+    def _remove_temps(self, plan: Plan) -> None:
+        for job in plan.files:
+            if not job.temp:
+                continue
+            try:
+                dir_fd = self.safe.open_dir(job.rel[:-1])
+                try:
+                    os.unlink(job.temp, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                log.warning(
+                    "cannot remove temporary file %s: %s",
+                    self.safe.display((*job.rel[:-1], job.temp)),
+                    exc.strerror,
+                )
+            job.temp = b""
+
+    def _make_links(self, plan: Plan) -> None:
         for rel, first in plan.links:
             source = plan.files[first]
-            job = _FileJob(rel, source.node)
+            job = FileJob(rel, source.node, link=True)
             plan.files.append(job)
             if source.error:
                 job.error = f"hard link to a file that failed: {source.error}"
@@ -540,13 +475,7 @@ class Restorer:
                 try:
                     target_dir = self.safe.open_dir(rel[:-1])
                     try:
-                        os.link(
-                            source.rel[-1],
-                            rel[-1],
-                            src_dir_fd=source_dir,
-                            dst_dir_fd=target_dir,
-                            follow_symlinks=False,
-                        )
+                        self._link(source, job, source_dir, target_dir)
                     finally:
                         os.close(target_dir)
                 finally:
@@ -554,93 +483,57 @@ class Restorer:
             except OSError as exc:
                 job.error = f"hard link failed: {exc.strerror}"
 
-    def _finish_dirs(self, plan: _Plan) -> None:
+    def _link(self, source: FileJob, job: FileJob, source_dir: int, target_dir: int) -> None:
+        """Link ``job``'s path to the source file, replacing another file already there."""
+        name = job.rel[-1]
+        existing = lstat_entry(name, target_dir)
+        job.existed = existing is not None
+        if existing is not None:
+            source_st = os.stat(source.rel[-1], dir_fd=source_dir, follow_symlinks=False)
+            if (existing.st_dev, existing.st_ino) == (source_st.st_dev, source_st.st_ino):
+                job.kept = True
+                return
+            # Link under a temporary name, then rename over the old file in one step.
+            name = TEMP_PREFIX + os.urandom(8).hex().encode()
+        os.link(
+            source.rel[-1],
+            name,
+            src_dir_fd=source_dir,
+            dst_dir_fd=target_dir,
+            follow_symlinks=False,
+        )
+        if name != job.rel[-1]:
+            try:
+                os.rename(name, job.rel[-1], src_dir_fd=target_dir, dst_dir_fd=target_dir)
+            except OSError:
+                os.unlink(name, dir_fd=target_dir)
+                raise
+
+    def _delete_extras(self, plan: Plan) -> None:
+        """Remove the entries that the snapshot lacks, after every file is in place."""
+        for rel, name in plan.extras:
+            try:
+                dir_fd = self.safe.open_dir(rel)
+                try:
+                    remove_entry(name, dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                reason = f"delete failed: {exc.strerror}"
+                log.error("%s: %s", self.safe.display((*rel, name)), reason)
+                plan.lost.append(((*rel, name), reason))
+                continue
+            plan.deleted += 1
+
+    def _finish_dirs(self, plan: Plan) -> None:
         for job in sorted(plan.dirs, key=lambda item: len(item.rel), reverse=True):
             if job.node is None:
                 continue
             try:
                 fd = self.safe.open_dir(job.rel)
                 try:
-                    _apply_metadata(fd, job.node)
+                    apply_metadata(fd, job.node)
                 finally:
                     os.close(fd)
             except OSError as exc:
                 log.warning("cannot restore metadata of %s: %s", self.safe.display(job.rel), exc)
-
-
-_DIGEST_BLOCK = 8 << 20
-_digest_buffers = threading.local()
-
-
-def _digest_fd(fd: int, size: int, threads: int) -> bytes:
-    """Return the BLAKE3 of a file's first ``size`` bytes, read through a reused buffer.
-
-    Reading into one buffer per thread, rather than mapping the file, keeps the
-    resident set flat for files of any size.
-    """
-    buffer = getattr(_digest_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _digest_buffers.buffer = bytearray(_DIGEST_BLOCK)
-    view = memoryview(buffer)
-    hasher = blake3.blake3(max_threads=threads)
-    offset = 0
-    while offset < size:
-        count = os.preadv(fd, [view[: min(_DIGEST_BLOCK, size - offset)]], offset)
-        if count == 0:
-            break
-        hasher.update(view[:count])
-        offset += count
-    view.release()
-    return hasher.digest()
-
-
-def _apply_metadata(fd: int, node: Node) -> None:
-    if os.geteuid() == 0:
-        try:
-            os.fchown(fd, node.uid, node.gid)
-        except OSError as exc:
-            log.warning("cannot restore owner of %r: %s", node.name, exc)
-    _apply_xattrs(fd, node)
-    os.fchmod(fd, node.mode)
-    os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
-
-
-def _apply_entry_metadata(name: bytes, dir_fd: int, node: Node) -> None:
-    """Set the owner (as root) and times of a symlink or special file, never following it."""
-    try:
-        if os.geteuid() == 0:
-            os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
-        os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        log.warning("cannot restore owner or times of %r: %s", node.name, exc.strerror)
-
-
-def _apply_xattrs(fd: int, node: Node) -> None:
-    """Set the node's extended attributes; a file system without them gets a warning."""
-    for key, value in node.xattrs.items():
-        try:
-            os.setxattr(fd, key, value)
-        except OSError as exc:
-            log.warning(
-                "cannot restore extended attribute %r of %r: %s", key, node.name, exc.strerror
-            )
-
-
-def _require_real_dir(name: bytes, dir_fd: int, shown: str) -> None:
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{shown} exists in the target and is not a folder; remove it first")
-
-
-def _remove_existing(name: bytes, dir_fd: int) -> None:
-    """Remove a non-folder entry that an overwrite replaces; never follows a symlink."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(
-            f"a folder named {os.fsdecode(name)!r} is in the way of a file in the checkout "
-            f"target; remove it or check out into an empty folder"
-        )
-    os.unlink(name, dir_fd=dir_fd)

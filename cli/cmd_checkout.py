@@ -1,12 +1,19 @@
-"""`cas checkout SNAPSHOT DEST`: restore a snapshot into a folder, verified."""
+"""`cas checkout SNAPSHOT DEST`: restore a snapshot, or part of it, into a folder, verified.
+
+With --overwrite it rolls an existing folder back to the snapshot; the rules
+are in docs/commands/checkout.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from cas.errors import UsageError
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
+from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import progress_line
@@ -26,7 +33,21 @@ def register(
     parser.add_argument("snapshot", help="snapshot id, unique prefix, or 'latest'")
     parser.add_argument("dest", help="target folder; must be empty or new unless --overwrite")
     parser.add_argument(
-        "--overwrite", action="store_true", help="restore into a folder that is not empty"
+        "--overwrite",
+        action="store_true",
+        help="roll a folder that is not empty back to the snapshot, keeping files that match",
+    )
+    parser.add_argument(
+        "--delete",
+        action="store_true",
+        help="with --overwrite, also remove entries that the snapshot lacks",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="restore only this file or folder of the snapshot, as `cas ls` shows it (repeatable)",
     )
     parser.add_argument(
         "--memory",
@@ -41,11 +62,17 @@ def register(
 
 def run(args: argparse.Namespace) -> int:
     """Restore and report; exit code 3 names each file that failed verification."""
+    if args.delete and not args.overwrite:
+        raise UsageError(
+            "--delete removes entries from a folder that is not empty; pass --overwrite with it"
+        )
     options = CheckoutOptions(
         overwrite=args.overwrite,
         threads=args.threads,
         memory_limit=memory_limit(args.memory),
         wait=args.wait,
+        delete=args.delete,
+        include=tuple(args.include),
     )
     with open_repository(args) as repo:
         snapshot = repo.resolve_snapshot(args.snapshot)
@@ -67,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
                 "dirs": result.dirs,
                 "symlinks": result.symlinks,
                 "bytes_total": result.bytes_total,
+                "unchanged": result.unchanged,
+                "rewritten": result.rewritten,
+                "created": result.created,
+                "deleted": result.deleted,
+                "bytes_written": result.bytes_written,
+                "include": [printable(os.fsencode(path)) for path in args.include],
                 "seconds": round(result.seconds, 3),
                 "failed": [{"path": path, "error": error} for path, error in result.failed],
             }
@@ -86,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
             f"({result.files} files in the snapshot)",
             file=sys.stderr,
         )
-        # Failures to write into the target (disk full, too many files) are
-        # operational errors; anything else means the repository is damaged.
-        if all(error.startswith("write failed") for _, error in result.failed):
+        # Failures to write into or delete from the target (disk full, too many
+        # files, no permission) are operational errors. Any other failure means
+        # that the repository is damaged.
+        if all(error.startswith(("write failed", "delete failed")) for _, error in result.failed):
             return EXIT_OPERATIONAL
         return EXIT_INTEGRITY
     info(
@@ -96,4 +130,11 @@ def run(args: argparse.Namespace) -> int:
         f"restored snapshot {snapshot.snapshot_hex[:16]}: {result.files} files, "
         f"{human_size(result.bytes_total)}, verified, in {result.seconds:.1f} s",
     )
+    if args.overwrite:
+        info(
+            args,
+            f"{result.unchanged} files unchanged, {result.rewritten} rewritten, "
+            f"{result.created} created, {result.deleted} deleted; "
+            f"{human_size(result.bytes_written)} written",
+        )
     return EXIT_WARNINGS if args.snapshot == "latest" and repo.skipped_snapshots else 0

@@ -61,3 +61,16 @@ def test_codec_bench_tiny(tmp_path: Path) -> None:
     snapshots = document["snapshots"]
     assert [row["byte_group"] for row in snapshots] == ["off", "off", "always:2"]
     assert all(row["snapshot_cpu_s"] > 0 for row in snapshots)
+
+
+def test_rollback_benchmark_tiny() -> None:
+    command = [sys.executable, "-m", "benchmarks.rollback_bench", "--size-gib", "0.01"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    document = json.loads(result.stdout[result.stdout.index("{") :])
+    rows = {row["scenario"]: row for row in document["results"]}
+    assert list(rows) == ["fresh", "unchanged-cold", "unchanged-warm", "one-shard", "touched"]
+    assert rows["unchanged-warm"]["bytes_written"] == 0
+    assert rows["one-shard"]["rewritten"] == 1
+    assert rows["touched"]["rewritten"] == 4

@@ -187,16 +187,17 @@ def test_duplicate_names_rejected(crafter, run_cas, tmp_path, outside):
 
 
 def test_symlink_then_folder_across_overwrite(crafter, run_cas, tmp_path, outside):
-    """A first checkout leaves ``sub -> outside``; a second must not write through it."""
+    """A first checkout leaves ``sub -> outside``; a second replaces it, never writes through."""
     first = crafter.snapshot([crafter.symlink(b"sub", str(outside).encode())])
     second = crafter.snapshot([crafter.folder(b"sub", [crafter.file(b"victim", b"evil")])])
     dest = tmp_path / "dest"
     run_cas("checkout", first, dest, "--quiet")
     assert (dest / "sub").is_symlink()
 
-    result = run_cas("checkout", second, dest, "--overwrite", expect=2)
+    run_cas("checkout", second, dest, "--overwrite", "--quiet")
 
-    assert "not a folder" in result.stderr
+    assert not (dest / "sub").is_symlink()
+    assert (dest / "sub" / "victim").read_bytes() == b"evil"
     assert_untouched(outside)
 
 
@@ -206,9 +207,10 @@ def test_existing_symlink_folder_in_target(crafter, run_cas, tmp_path, outside):
     dest.mkdir()
     (dest / "sub").symlink_to(outside)
 
-    run_cas("checkout", snapshot, dest, "--overwrite", expect=2)
+    run_cas("checkout", snapshot, dest, "--overwrite", "--quiet")
 
-    assert (dest / "sub").is_symlink()
+    assert not (dest / "sub").is_symlink()
+    assert (dest / "sub" / "victim").read_bytes() == b"evil"
     assert_untouched(outside)
 
 
@@ -219,8 +221,10 @@ def test_existing_symlink_deeper_in_target(crafter, run_cas, tmp_path, outside):
     (dest / "sub").mkdir(parents=True)
     (dest / "sub" / "deeper").symlink_to(outside)
 
-    run_cas("checkout", snapshot, dest, "--overwrite", expect=2)
+    run_cas("checkout", snapshot, dest, "--overwrite", "--quiet")
 
+    assert not (dest / "sub" / "deeper").is_symlink()
+    assert (dest / "sub" / "deeper" / "victim").read_bytes() == b"evil"
     assert_untouched(outside)
 
 

@@ -40,6 +40,9 @@ from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
 from cas.errors import CasError, NotFoundError, UsageError
 from cas.locks import RepositoryLock
+from cas.models import ModelFormatError, parse_layout
+from cas.models.chunkplan import PlannedCutter, plan_segments
+from cas.models.layout import fd_reader
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot
@@ -67,6 +70,8 @@ class SnapshotOptions:
     host: str = ""
     # Non-empty: store the paths as the part of this name of a sharded checkpoint.
     part: str = ""
+    # Cut recognised model files at tensor boundaries (see cas.models.chunkplan).
+    tensor_align: bool = True
 
 
 @dataclass
@@ -122,6 +127,11 @@ def effective_threads(threads: int) -> int:
     return threads or os.cpu_count() or 1
 
 
+# cut(data, file offset of data, final) -> (chunk lengths, element size of each chunk)
+_CutFunction = Callable[[memoryview, int, bool], tuple[list[int], list[int]]]
+_Block = tuple[bytearray, list[int], list[int]]
+
+
 class _BlockReader:
     """Reads a file in blocks and cuts chunks, optionally on a background thread."""
 
@@ -138,22 +148,28 @@ class _BlockReader:
         """Return a block buffer to the pool once its chunks are processed."""
         self._free.put(buffer)
 
-    def blocks(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
-        """Yield (buffer, chunk lengths) for a file descriptor, in file order.
+    def _plain_cut(self, data: memoryview, base: int, final: bool) -> tuple[list[int], list[int]]:
+        lengths = self.chunker.cut(data, final=final)
+        return lengths, [0] * len(lengths)
+
+    def blocks(self, fd: int, cut: _CutFunction | None = None) -> Iterator[_Block]:
+        """Yield (buffer, chunk lengths, element sizes) for a file descriptor, in file order.
 
         The caller must `release` every yielded buffer. Chunk lengths cover
         the start of the buffer; bytes after them are carried to the next block.
+        ``cut`` replaces the plain chunker, for tensor-aligned cutting.
         """
+        cut = cut or self._plain_cut
         if not self.threaded:
-            yield from self._produce(fd)
+            yield from self._produce(fd, cut)
             return
         # Unbounded: the pool of free buffers already bounds what is in flight.
-        results: queue.Queue[tuple[bytearray, list[int]] | BaseException | None] = queue.Queue()
+        results: queue.Queue[_Block | BaseException | None] = queue.Queue()
         stop = threading.Event()
 
         def run() -> None:
             try:
-                for item in self._produce(fd):
+                for item in self._produce(fd, cut):
                     if stop.is_set():
                         self.release(item[0])
                         break
@@ -183,8 +199,9 @@ class _BlockReader:
                     self.release(leftover[0])
             thread.join()
 
-    def _produce(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
+    def _produce(self, fd: int, cut: _CutFunction) -> Iterator[_Block]:
         carry = b""
+        offset = 0
         while True:
             buffer = self._free.get()
             view = memoryview(buffer)
@@ -197,11 +214,12 @@ class _BlockReader:
                     break
                 filled += count
             at_eof = filled < end
-            lengths = self.chunker.cut(view[:filled], final=at_eof)
+            lengths, element_sizes = cut(view[:filled], offset, at_eof)
             used = sum(lengths)
+            offset += used
             carry = bytes(view[used:filled])
             view.release()
-            yield buffer, lengths
+            yield buffer, lengths, element_sizes
             if at_eof:
                 return
 
@@ -506,7 +524,7 @@ class Archiver:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            chunks, sizes, digest, size = self._chunk_file(fd, writer)
+            chunks, sizes, digest, size = self._chunk_file(fd, writer, path)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -521,22 +539,25 @@ class Archiver:
             raise FileChangedError(f"{path} changed while it was read", node)
         return node
 
-    def _chunk_file(self, fd: int, writer: BlobWriter) -> tuple[list[bytes], list[int], bytes, int]:
+    def _chunk_file(
+        self, fd: int, writer: BlobWriter, path: str = ""
+    ) -> tuple[list[bytes], list[int], bytes, int]:
         keys = self.repo.keys
+        cutter = self._tensor_cutter(fd, path) if self.options.tensor_align else None
         file_hash = blake3.blake3(max_threads=1)
         chunks: list[bytes] = []
         sizes: list[int] = []
         size = 0
         writer.reset_sampling()
-        for buffer, lengths in self.reader.blocks(fd):
+        for buffer, lengths, element_sizes in self.reader.blocks(fd, cutter):
             try:
                 view = memoryview(buffer)
                 offset = 0
-                for length in lengths:
+                for length, element_size in zip(lengths, element_sizes, strict=True):
                     piece = view[offset : offset + length]
                     chunk_id = keys.blob_id(piece)
                     file_hash.update(piece)
-                    writer.add_chunk(chunk_id, piece)
+                    writer.add_chunk(chunk_id, piece, element_size=element_size)
                     chunks.append(chunk_id)
                     sizes.append(length)
                     offset += length
@@ -547,6 +568,30 @@ class Archiver:
             finally:
                 self.reader.release(buffer)
         return chunks, sizes, file_hash.digest(), size
+
+    def _tensor_cutter(self, fd: int, path: str) -> _CutFunction | None:
+        """Return a tensor-aligned cut function for a recognised model file, else None.
+
+        A header that disagrees with the file is logged at DEBUG and the file is cut by
+        the plain chunker: its bytes are stored all the same.
+        """
+        file_size = os.fstat(fd).st_size
+        if file_size < self.chunker.params.min_size:
+            return None
+        try:
+            layout = parse_layout(fd_reader(fd), file_size)
+        except ModelFormatError as exc:
+            log.debug("%s: not cut at tensor boundaries: %s", path, exc)
+            return None
+        if layout is None:
+            return None
+        segments = plan_segments(layout, self.chunker.params)
+        if not segments:
+            return None
+        log.debug(
+            "%s: %s file, %d segments cut at tensor boundaries", path, layout.format, len(segments)
+        )
+        return PlannedCutter(self.chunker, segments).cut
 
 
 def _unchanged(parent: Node, st: os.stat_result) -> bool:

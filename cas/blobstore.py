@@ -171,8 +171,12 @@ class BlobWriter:
         """Return whether the repository or this run already stores the blob."""
         return blob_id in self._written or self.index.has(blob_id)
 
-    def add_chunk(self, chunk_id: bytes, payload: memoryview) -> bool:
-        """Store a chunk unless present; return whether it was new."""
+    def add_chunk(self, chunk_id: bytes, payload: memoryview, element_size: int = 0) -> bool:
+        """Store a chunk unless present; return whether it was new.
+
+        ``element_size`` is the float width in bytes of the tensor the chunk belongs to
+        (2, 4 or 8), or 0 when it is no float tensor data or unknown.
+        """
         if self.has(chunk_id):
             return False
         packed = self._compress_sampled(payload)

@@ -7,6 +7,7 @@ import sys
 
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
+from .checkout_verify import add_verify_options, verify_checkout
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
 from .progress import ProgressLine
@@ -35,6 +36,7 @@ def register(
         metavar="MIB",
         help="bound on buffers in MiB (default 256)",
     )
+    add_verify_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
 
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = Restorer(repo, snapshot, args.dest, options, show).run()
         line.close()
+    verified = verify_checkout(args) if not result.failed else {}
     if args.json:
         print_json(
             {
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 "bytes_total": result.bytes_total,
                 "seconds": round(result.seconds, 3),
                 "failed": [{"path": path, "error": error} for path, error in result.failed],
+                **verified,
             }
         )
     for path, error in result.failed:

@@ -47,6 +47,13 @@ def register(
         metavar="MIB",
         help="bound on file and pack buffers in MiB (default 256)",
     )
+    parser.add_argument(
+        "--no-tensor-align",
+        dest="tensor_align",
+        action="store_false",
+        help="cut model files (safetensors, GGUF, torch, npz) like any other file, not at "
+        "tensor boundaries",
+    )
     _add_part_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         memory_limit=memory_limit(args.memory),
         host=args.host,
         part=args.part,
+        tensor_align=args.tensor_align,
     )
     with open_repository(args) as repo:
         line = ProgressLine(enabled=not args.quiet)

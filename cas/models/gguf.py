@@ -35,8 +35,10 @@ MAX_STRING_SIZE = 64 << 20
 DEFAULT_ALIGNMENT = 32
 _WINDOW_SIZE = 1 << 20
 
-# ggml type number -> (name, elements per block, bytes per block), from ggml.h of llama.cpp
-# (ggml_type, 2025) and GGML_QUANT_SIZES of the gguf package 0.17.
+# ggml type number -> (name, elements per block, bytes per block), as GGML_QUANT_SIZES of the
+# gguf package 0.19 lists them (a test compares). Q8_1 is left out, so a file with it falls
+# back to the normal chunker: ggml uses it for intermediate results of matrix products, and
+# we have not checked its block size against ggml's own source.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
@@ -45,7 +47,6 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 36),
     10: ("Q2_K", 256, 84),
     11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144),

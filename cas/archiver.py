@@ -40,9 +40,7 @@ from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
 from cas.errors import CasError, NotFoundError, UsageError
 from cas.locks import RepositoryLock
-from cas.models import ModelFormatError, parse_layout
-from cas.models.chunkplan import PlannedCutter, plan_segments
-from cas.models.layout import fd_reader
+from cas.models.chunkplan import tensor_cutter
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot
@@ -543,13 +541,14 @@ class Archiver:
         self, fd: int, writer: BlobWriter, path: str = ""
     ) -> tuple[list[bytes], list[int], bytes, int]:
         keys = self.repo.keys
-        cutter = self._tensor_cutter(fd, path) if self.options.tensor_align else None
+        cutter = tensor_cutter(self.chunker, fd, path) if self.options.tensor_align else None
         file_hash = blake3.blake3(max_threads=1)
         chunks: list[bytes] = []
         sizes: list[int] = []
         size = 0
         writer.reset_sampling()
-        for buffer, lengths, element_sizes in self.reader.blocks(fd, cutter):
+        cut = cutter.cut if cutter else None
+        for buffer, lengths, element_sizes in self.reader.blocks(fd, cut):
             try:
                 view = memoryview(buffer)
                 offset = 0
@@ -568,30 +567,6 @@ class Archiver:
             finally:
                 self.reader.release(buffer)
         return chunks, sizes, file_hash.digest(), size
-
-    def _tensor_cutter(self, fd: int, path: str) -> _CutFunction | None:
-        """Return a tensor-aligned cut function for a recognised model file, else None.
-
-        A header that disagrees with the file is logged at DEBUG and the file is cut by
-        the plain chunker: its bytes are stored all the same.
-        """
-        file_size = os.fstat(fd).st_size
-        if file_size < self.chunker.params.min_size:
-            return None
-        try:
-            layout = parse_layout(fd_reader(fd), file_size)
-        except ModelFormatError as exc:
-            log.debug("%s: not cut at tensor boundaries: %s", path, exc)
-            return None
-        if layout is None:
-            return None
-        segments = plan_segments(layout, self.chunker.params)
-        if not segments:
-            return None
-        log.debug(
-            "%s: %s file, %d segments cut at tensor boundaries", path, layout.format, len(segments)
-        )
-        return PlannedCutter(self.chunker, segments).cut
 
 
 def _unchanged(parent: Node, st: os.stat_result) -> bool:

@@ -6,9 +6,9 @@ digest, or symlink target) differ. A change of only mtime, ctime, owner or inode
 reported, since a rewrite with the same bytes changes those.
 
 For a changed file that `cas.models` recognises in both snapshots, the headers are parsed
-from chunks read through the repository, and each tensor is compared by the chunk ids
-covering its byte range: equal ids at equal offsets mean equal bytes, and different ids
-over the same cut mean different bytes. Only when the two cuts differ (a file stored with
+from chunks read through the repository. Each tensor is compared by the chunk ids covering
+its byte range. Equal ids at equal offsets mean equal bytes, and different ids over the
+same cut mean different bytes. Only when the two cuts differ (a file stored with
 ``--no-tensor-align`` on one side, say) are the tensor's bytes read and hashed.
 """
 
@@ -55,7 +55,7 @@ class FileChange:
 
     For "added" the ``old_*`` fields are empty, for "removed" the new ones. ``format`` is
     the model format recognised on both sides of a changed file, and ``tensors`` its
-    tensor changes; ``tensor_error`` says why tensors could not be compared.
+    tensor changes; ``tensor_error`` gives the reason when tensors could not be compared.
     """
 
     path: str
@@ -100,7 +100,7 @@ class NodeReader:
             raise IntegrityError(f"file {node.name!r}: chunk sizes disagree with its size")
 
     def chunk(self, index: int) -> bytes:
-        """Return the plaintext of the file's chunk at ``index``, read at most once lately."""
+        """Return the plaintext of the file's chunk at ``index``; the last 8 read are cached."""
         data = self._cache.get(index)
         if data is not None:
             self._cache.move_to_end(index)

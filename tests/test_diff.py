@@ -86,7 +86,7 @@ def test_diff_tensors(repo: Repository, tmp_path: Path) -> None:
     assert tensors["b.weight"].shape == (64, 300)
     assert tensors["b.weight"].size == 64 * 300 * 4
     assert tensors["d.weight"].dtype == "F32"
-    # The unchanged a.weight (51,200 bytes) is told apart by chunk ids, not by reading it.
+    # The unchanged a.weight (51,200 bytes) is found equal by its chunk ids, without reading it.
     assert diff.bytes_read < (new.summary["bytes_total"] + old.summary["bytes_total"]) // 2
 
 

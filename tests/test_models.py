@@ -43,7 +43,7 @@ def tensor_table(layout: ModelLayout) -> dict[str, tuple[str, tuple[int, ...], i
 
 
 def check_bytes_match(path: Path, layout: ModelLayout, arrays: dict[str, np.ndarray]) -> None:
-    """Assert that each tensor's byte range in the file holds exactly the array's bytes."""
+    """Assert that each tensor's byte range in the file contains exactly the array's bytes."""
     raw = path.read_bytes()
     for tensor in layout.tensors:
         expected = np.ascontiguousarray(arrays[tensor.name]).tobytes()
@@ -298,7 +298,7 @@ def test_torch_storage_size_lie(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(4)}, buffer)
     with zipfile.ZipFile(buffer) as archive:
         payload = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    # The pickle claims 4 float32 elements (16 bytes); the member holds 16 bytes, so a
+    # The pickle claims 4 float32 elements (16 bytes); the member has 16 bytes, so a
     # view of 5 elements and a storage of 5 elements both disagree with the file.
     too_long = payload.replace(b"K\x04\x85", b"K\x05\x85", 1)
     wrong_storage = payload.replace(b"cpuq\x06K\x04", b"cpuq\x06K\x05", 1)

@@ -206,7 +206,7 @@ def test_lying_header_falls_back(
     start = data.index(b"[80000,200000]")
     data[start : start + 14] = b"[70000,190000]"
     (source / "m.safetensors").write_bytes(bytes(data))
-    caplog.set_level(logging.DEBUG, logger="cas.archiver")
+    caplog.set_level(logging.DEBUG, logger="cas.models.chunkplan")
     result = snapshot(repo, source)
 
     assert "not cut at tensor boundaries" in caplog.text

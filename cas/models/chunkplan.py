@@ -9,9 +9,10 @@ byte of each one. Since no chunk crosses a segment boundary, a tensor's pieces d
 on its own bytes, wherever it sits in the file and whatever format wraps it.
 
 Fixed pieces cost no rolling hash. Their size is the largest power of two not above the
-chunker's ``avg_size``, raised to ``min_size`` if need be: 1 MiB with the default chunker,
-which gives about as many index entries as FastCDC (whose mean chunk is 1.21 MiB on fp32
-weights), and a power of two is a multiple of every element size. Smaller pieces would
+chunker's ``avg_size``, raised to ``min_size`` if need be. That is 1 MiB with the default
+chunker, which gives about as many index entries as FastCDC, whose mean chunk is 1.21 MiB
+on fp32 weights (docs/chunking.md). A power of two is also a multiple of every element
+size. Smaller pieces would
 find no more duplicates in checkpoints, where a tensor changes as a whole or not at all,
 and would grow the index.
 
@@ -28,10 +29,15 @@ so any block size gives the same chunks.
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 from dataclasses import dataclass
 
 from cas.chunker import Buffer, Chunker, ChunkerParams
-from cas.models.layout import ModelLayout
+from cas.models import parse_layout
+from cas.models.layout import ModelFormatError, ModelLayout, fd_reader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,3 +132,28 @@ def _pieces(available: int, size: int, final: bool) -> list[int]:
     if final and rest:
         pieces.append(rest)
     return pieces
+
+
+def tensor_cutter(chunker: Chunker, fd: int, path: str) -> PlannedCutter | None:
+    """Return a tensor-aligned cutter for an open model file, or None to cut it plainly.
+
+    A header that disagrees with the file is logged at DEBUG level and the file gets the
+    plain chunker, so its bytes are stored all the same.
+    """
+    file_size = os.fstat(fd).st_size
+    if file_size < chunker.params.min_size:
+        return None
+    try:
+        layout = parse_layout(fd_reader(fd), file_size)
+    except ModelFormatError as exc:
+        log.debug("%s: not cut at tensor boundaries: %s", path, exc)
+        return None
+    if layout is None:
+        return None
+    segments = plan_segments(layout, chunker.params)
+    if not segments:
+        return None
+    log.debug(
+        "%s: %s file cut at tensor boundaries, %d segments", path, layout.format, len(segments)
+    )
+    return PlannedCutter(chunker, segments)

@@ -101,9 +101,9 @@ class _Cursor:
         self._window = b""
         self._window_start = 0
 
-    def take(self, size: int, what: str) -> bytes:
+    def take(self, size: int, subject: str) -> bytes:
         if size < 0 or self.position + size > self.file_size:
-            raise ModelFormatError(f"GGUF {what} is truncated at offset {self.position}")
+            raise ModelFormatError(f"GGUF {subject} is truncated at offset {self.position}")
         start = self.position - self._window_start
         if start < 0 or start + size > len(self._window):
             self._window_start = self.position
@@ -111,29 +111,29 @@ class _Cursor:
                 self.read_at,
                 self.position,
                 min(max(size, _WINDOW_SIZE), self.file_size - self.position),
-                f"GGUF {what}",
+                f"GGUF {subject}",
             )
             start = 0
         self.position += size
         return self._window[start : start + size]
 
-    def skip(self, size: int, what: str) -> None:
+    def skip(self, size: int, subject: str) -> None:
         if size < 0 or self.position + size > self.file_size:
-            raise ModelFormatError(f"GGUF {what} is truncated at offset {self.position}")
+            raise ModelFormatError(f"GGUF {subject} is truncated at offset {self.position}")
         self.position += size
 
-    def unpack(self, fmt: str, what: str) -> int:
-        value: int = struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+    def unpack(self, fmt: str, subject: str) -> int:
+        value: int = struct.unpack(fmt, self.take(struct.calcsize(fmt), subject))[0]
         return value
 
-    def string(self, what: str) -> str:
-        size = self.unpack("<Q", what)
+    def string(self, subject: str) -> str:
+        size = self.unpack("<Q", subject)
         if size > MAX_STRING_SIZE:
-            raise ModelFormatError(f"GGUF {what} claims {size} bytes")
+            raise ModelFormatError(f"GGUF {subject} claims {size} bytes")
         try:
-            return self.take(size, what).decode("utf-8")
+            return self.take(size, subject).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ModelFormatError(f"GGUF {what} is not UTF-8: {exc}") from exc
+            raise ModelFormatError(f"GGUF {subject} is not UTF-8: {exc}") from exc
 
 
 def looks_like_gguf(head: bytes) -> bool:
@@ -208,18 +208,18 @@ def _tensor(
     info: tuple[str, tuple[int, ...], int, int], data_start: int, alignment: int
 ) -> TensorInfo:
     name, shape, ggml_type, offset = info
-    what = f"GGUF tensor {name!r}"
+    subject = f"GGUF tensor {name!r}"
     if ggml_type not in GGML_TYPES:
-        raise ModelFormatError(f"{what} has an unknown ggml type {ggml_type}")
+        raise ModelFormatError(f"{subject} has an unknown ggml type {ggml_type}")
     type_name, block_elements, block_size = GGML_TYPES[ggml_type]
-    count = element_count(shape, what)
+    count = element_count(shape, subject)
     if shape and shape[0] % block_elements:
         raise ModelFormatError(
-            f"{what}: first dimension {shape[0]} is not a multiple of the {type_name} "
+            f"{subject}: first dimension {shape[0]} is not a multiple of the {type_name} "
             f"block of {block_elements}"
         )
     if offset % alignment:
-        raise ModelFormatError(f"{what}: offset {offset} is not a multiple of {alignment}")
+        raise ModelFormatError(f"{subject}: offset {offset} is not a multiple of {alignment}")
     size = count // block_elements * block_size
     element_size = FLOAT_ELEMENT_SIZES.get(type_name, 0)
     return TensorInfo(name, type_name, shape, data_start + offset, size, element_size)

@@ -80,40 +80,40 @@ class ModelLayout:
     header_regions: tuple[Region, ...]
 
 
-def read_exact(read_at: ReadAt, offset: int, size: int, what: str) -> bytes:
+def read_exact(read_at: ReadAt, offset: int, size: int, subject: str) -> bytes:
     """Read exactly ``size`` bytes at ``offset``; raise `ModelFormatError` on a short read."""
     data = read_at(offset, size)
     if len(data) != size:
         raise ModelFormatError(
-            f"{what} is truncated: {size} bytes expected at offset {offset}, {len(data)} read"
+            f"{subject} is truncated: {size} bytes expected at offset {offset}, {len(data)} read"
         )
     return data
 
 
-def element_count(shape: Iterable[int], what: str) -> int:
+def element_count(shape: Iterable[int], subject: str) -> int:
     """Return the product of a shape, checking that it has few dimensions, none negative."""
     dims = tuple(shape)
     if len(dims) > MAX_DIMS:
-        raise ModelFormatError(f"{what} has {len(dims)} dimensions, more than {MAX_DIMS}")
+        raise ModelFormatError(f"{subject} has {len(dims)} dimensions, more than {MAX_DIMS}")
     for dim in dims:
         if type(dim) is not int or dim < 0:
-            raise ModelFormatError(f"{what} has an invalid dimension {dim!r}")
+            raise ModelFormatError(f"{subject} has an invalid dimension {dim!r}")
     return math.prod(dims)
 
 
-def check_regions(regions: Iterable[Region], file_size: int, what: str) -> tuple[Region, ...]:
+def check_regions(regions: Iterable[Region], file_size: int, subject: str) -> tuple[Region, ...]:
     """Sort regions and check that they lie inside the file and do not overlap."""
     ordered = sorted(regions, key=lambda region: (region.offset, region.size))
     previous_end = 0
     for region in ordered:
         if region.offset < 0 or region.size < 0 or region.end > file_size:
             raise ModelFormatError(
-                f"{what}: range {region.offset}..{region.end} lies outside the file "
+                f"{subject}: range {region.offset}..{region.end} lies outside the file "
                 f"of {file_size} bytes"
             )
         if region.offset < previous_end:
             raise ModelFormatError(
-                f"{what}: range {region.offset}..{region.end} overlaps the range "
+                f"{subject}: range {region.offset}..{region.end} overlaps the range "
                 f"ending at {previous_end}"
             )
         previous_end = region.end

@@ -1,6 +1,6 @@
 """Parse the members of a NumPy .npz file (a zip of .npy files).
 
-Each member ``NAME.npy`` holds one array:
+Each member ``NAME.npy`` contains one array:
 
     b"\\x93NUMPY", u8 major, u8 minor, header length (u16 in version 1, u32 in 2 and 3),
     a Python dict literal {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4)},
@@ -68,12 +68,12 @@ def parse_npz(read_at: ReadAt, file_size: int) -> ModelLayout:
 
 
 def _parse_npy(read_at: ReadAt, member: ZipMember) -> tuple[TensorInfo, int]:
-    what = f"npz member {member.name!r}"
+    subject = f"npz member {member.name!r}"
     if member.size != member.compressed_size:
-        raise ModelFormatError(f"{what} is stored but its two sizes differ")
-    prefix = read_exact(read_at, member.data_offset, min(12, member.size), what)
+        raise ModelFormatError(f"{subject} is stored but its two sizes differ")
+    prefix = read_exact(read_at, member.data_offset, min(12, member.size), subject)
     if prefix[:6] != NPY_MAGIC or len(prefix) < 10:
-        raise ModelFormatError(f"{what} is not a .npy array")
+        raise ModelFormatError(f"{subject} is not a .npy array")
     major = prefix[6]
     if major == 1:
         (length,) = struct.unpack_from("<H", prefix, 8)
@@ -82,17 +82,17 @@ def _parse_npy(read_at: ReadAt, member: ZipMember) -> tuple[TensorInfo, int]:
         (length,) = struct.unpack_from("<I", prefix, 8)
         start = 12
     else:
-        raise ModelFormatError(f"{what} has an unsupported .npy version {major}")
+        raise ModelFormatError(f"{subject} has an unsupported .npy version {major}")
     if length > MAX_NPY_HEADER_SIZE or start + length > member.size:
-        raise ModelFormatError(f"{what} claims a .npy header of {length} bytes")
-    text = read_exact(read_at, member.data_offset + start, length, what)
-    descr, shape = _parse_header_dict(text, what)
-    dtype, item_size, element_size = _parse_descr(descr, what)
+        raise ModelFormatError(f"{subject} claims a .npy header of {length} bytes")
+    text = read_exact(read_at, member.data_offset + start, length, subject)
+    descr, shape = _parse_header_dict(text, subject)
+    dtype, item_size, element_size = _parse_descr(descr, subject)
     header_size = start + length
-    expected = element_count(shape, what) * item_size
+    expected = element_count(shape, subject) * item_size
     if member.size - header_size != expected:
         raise ModelFormatError(
-            f"{what} holds {member.size - header_size} data bytes, but dtype {descr} and "
+            f"{subject} has {member.size - header_size} data bytes, but dtype {descr} and "
             f"shape {shape} need {expected}"
         )
     name = member.name[: -len(".npy")]
@@ -100,30 +100,30 @@ def _parse_npy(read_at: ReadAt, member: ZipMember) -> tuple[TensorInfo, int]:
     return TensorInfo(name, dtype, shape, offset, expected, element_size), header_size
 
 
-def _parse_header_dict(text: bytes, what: str) -> tuple[str, tuple[int, ...]]:
+def _parse_header_dict(text: bytes, subject: str) -> tuple[str, tuple[int, ...]]:
     try:
         header = ast.literal_eval(text.decode("latin-1"))
     except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-        raise ModelFormatError(f"{what} has an unreadable .npy header: {exc}") from exc
+        raise ModelFormatError(f"{subject} has an unreadable .npy header: {exc}") from exc
     if not isinstance(header, dict):
-        raise ModelFormatError(f"{what} .npy header is not a dict")
+        raise ModelFormatError(f"{subject} .npy header is not a dict")
     descr = header.get("descr")
     shape = header.get("shape")
     if not isinstance(descr, str) or not isinstance(shape, tuple):
-        raise ModelFormatError(f"{what} .npy header lacks descr or shape")
+        raise ModelFormatError(f"{subject} .npy header lacks descr or shape")
     return descr, shape
 
 
-def _parse_descr(descr: str, what: str) -> tuple[str, int, int]:
+def _parse_descr(descr: str, subject: str) -> tuple[str, int, int]:
     """Return (dtype name, item size, float element size) of a simple descr like '<f4'."""
     if len(descr) < 3 or descr[0] not in "<>|=" or descr[1] not in _KINDS:
-        raise ModelFormatError(f"{what} has an unsupported dtype {descr!r}")
+        raise ModelFormatError(f"{subject} has an unsupported dtype {descr!r}")
     try:
         item_size = int(descr[2:])
     except ValueError as exc:
-        raise ModelFormatError(f"{what} has an unsupported dtype {descr!r}") from exc
+        raise ModelFormatError(f"{subject} has an unsupported dtype {descr!r}") from exc
     if not 1 <= item_size <= 64:
-        raise ModelFormatError(f"{what} has an unsupported dtype {descr!r}")
+        raise ModelFormatError(f"{subject} has an unsupported dtype {descr!r}")
     kind = _KINDS[descr[1]]
     dtype = _SHORT_NAMES.get((kind, item_size), descr.lstrip("<>|="))
     element_size = item_size if kind == "float" and descr[0] != ">" else 0

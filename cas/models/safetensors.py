@@ -83,31 +83,31 @@ def parse_safetensors(read_at: ReadAt, file_size: int) -> ModelLayout:
 
 
 def _tensor(name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
-    what = f"safetensors tensor {name!r}"
+    subject = f"safetensors tensor {name!r}"
     if not isinstance(entry, dict):
-        raise ModelFormatError(f"{what} is not a JSON object")
+        raise ModelFormatError(f"{subject} is not a JSON object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise ModelFormatError(f"{what} has an unknown dtype {dtype!r}")
+        raise ModelFormatError(f"{subject} has an unknown dtype {dtype!r}")
     if not isinstance(shape, list):
-        raise ModelFormatError(f"{what} has no shape list")
+        raise ModelFormatError(f"{subject} has no shape list")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(value) is int for value in offsets)
     ):
-        raise ModelFormatError(f"{what} has no [begin, end] data_offsets")
+        raise ModelFormatError(f"{subject} has no [begin, end] data_offsets")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise ModelFormatError(
-            f"{what}: data_offsets {begin}..{end} lie outside the {data_size} data bytes"
+            f"{subject}: data_offsets {begin}..{end} lie outside the {data_size} data bytes"
         )
-    expected = element_count(shape, what) * DTYPE_SIZES[dtype]
+    expected = element_count(shape, subject) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise ModelFormatError(
-            f"{what}: data_offsets cover {end - begin} bytes, but dtype {dtype} and shape "
+            f"{subject}: data_offsets cover {end - begin} bytes, but dtype {dtype} and shape "
             f"{shape} need {expected}"
         )
     element_size = DTYPE_SIZES[dtype] if dtype in FLOAT_DTYPES else 0

@@ -1,7 +1,7 @@
 """Parse a zip-based PyTorch file (``torch.save`` since PyTorch 1.6) without running its pickle.
 
 Such a file is a zip whose members share one top folder ``P``: ``P/data.pkl`` is a pickle of
-the saved object, and ``P/data/KEY`` holds the raw bytes of each storage, stored without
+the saved object, and ``P/data/KEY`` contains the raw bytes of each storage, stored without
 compression. The pickle names a storage by a persistent id
 ``("storage", torch.FloatStorage, "KEY", "cpu", element_count)`` and builds each tensor with
 ``torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, ...)``.
@@ -167,7 +167,7 @@ def parse_torch_zip(read_at: ReadAt, file_size: int) -> ModelLayout:
     directory = read_zip_directory(read_at, file_size)
     pickle_member = find_pickle_member(directory)
     if pickle_member is None:
-        raise ModelFormatError("zip holds no single P/data.pkl member: not a torch file")
+        raise ModelFormatError("zip has no single P/data.pkl member, so it is no torch file")
     if pickle_member.method != STORED or pickle_member.size > MAX_PICKLE_SIZE:
         raise ModelFormatError(f"torch data.pkl is compressed or over {MAX_PICKLE_SIZE} bytes")
     prefix = pickle_member.name[: -len("data.pkl")]
@@ -177,7 +177,9 @@ def parse_torch_zip(read_at: ReadAt, file_size: int) -> ModelLayout:
     data = read_exact(read_at, pickle_member.data_offset, pickle_member.size, "torch data.pkl")
     named = _named_tensors(_unpickle(data))
     if len(named) > MAX_TENSOR_COUNT:
-        raise ModelFormatError(f"torch pickle holds {len(named)} tensors")
+        raise ModelFormatError(
+            f"torch pickle has {len(named)} tensors, more than {MAX_TENSOR_COUNT}"
+        )
     storages: dict[str, tuple[_StorageRef, ZipMember]] = {}
     tensors = [_tensor(name, ref, prefix, members, storages) for name, ref in named]
     regions = [
@@ -251,30 +253,30 @@ def _tensor(
     members: dict[str, ZipMember],
     storages: dict[str, tuple[_StorageRef, ZipMember]],
 ) -> TensorInfo:
-    what = f"torch tensor {name!r}"
+    subject = f"torch tensor {name!r}"
     storage = ref.storage
     member = members.get(f"{prefix}data/{storage.key}")
     if member is None or member.method != STORED:
-        raise ModelFormatError(f"{what}: storage {storage.key!r} is missing or compressed")
+        raise ModelFormatError(f"{subject}: storage {storage.key!r} is missing or compressed")
     if member.size != storage.element_count * storage.item_size:
         raise ModelFormatError(
-            f"{what}: storage {storage.key!r} holds {member.size} bytes, but "
+            f"{subject}: storage {storage.key!r} has {member.size} bytes, but "
             f"{storage.element_count} elements of {storage.dtype} need "
             f"{storage.element_count * storage.item_size}"
         )
     storages.setdefault(storage.key, (storage, member))
 
-    count = element_count(ref.shape, what)
+    count = element_count(ref.shape, subject)
     for step in ref.stride:
         if type(step) is not int or step < 0:
-            raise ModelFormatError(f"{what} has an invalid stride {ref.stride}")
+            raise ModelFormatError(f"{subject} has an invalid stride {ref.stride}")
     # Elements from the first to one past the last that the view reaches.
     span = 0
     if count:
         span = 1 + sum((dim - 1) * step for dim, step in zip(ref.shape, ref.stride, strict=True))
     if ref.storage_offset < 0 or ref.storage_offset + span > storage.element_count:
         raise ModelFormatError(
-            f"{what}: elements {ref.storage_offset}..{ref.storage_offset + span} lie outside "
+            f"{subject}: elements {ref.storage_offset}..{ref.storage_offset + span} lie outside "
             f"its storage of {storage.element_count}"
         )
     offset = member.data_offset + ref.storage_offset * storage.item_size

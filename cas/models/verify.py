@@ -25,7 +25,7 @@ from cas.models import MODEL_SUFFIXES, ModelFormatError, ModelLayout, parse_file
 log = logging.getLogger(__name__)
 
 CHECKOUT_DIR_VARIABLE = "CAS_CHECKOUT_DIR"
-"""Environment variable that holds the restored folder's absolute path for a test command."""
+"""Environment variable that contains the restored folder's absolute path for a test command."""
 
 # Endings that promise a format; .pt, .pth, .bin and .ckpt also name legacy pickles.
 _STRICT_SUFFIXES = {".safetensors", ".gguf", ".npz"}
@@ -101,7 +101,7 @@ def run_test_command(command: str, folder: str, stdout: IO[str] | None = None) -
     """Run ``command`` with ``/bin/sh -c`` in ``folder`` and return its exit status.
 
     The command's working directory is ``folder`` and the environment variable
-    `CHECKOUT_DIR_VARIABLE` holds its absolute path. Its standard input is empty and
+    `CHECKOUT_DIR_VARIABLE` contains its absolute path. Its standard input is empty and
     its standard output goes to ``stdout`` (the caller's standard output when None).
     A command killed by a signal returns 128 plus the signal number, as shells report it.
     """

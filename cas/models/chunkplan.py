@@ -10,9 +10,10 @@ on its own bytes, wherever it sits in the file and whatever format wraps it.
 
 Fixed pieces cost no rolling hash. Their size is the largest power of two not above the
 chunker's ``avg_size``, raised to ``min_size`` if need be. That is 1 MiB with the default
-chunker, which gives about as many index entries as FastCDC, whose mean chunk is 1.21 MiB
-on fp32 weights (docs/chunking.md). A power of two is also a multiple of every element
-size. Smaller pieces would
+chunker, close to FastCDC's mean chunk of 1.21 MiB on fp32 weights (docs/chunking.md).
+The chunk count still grows by a CDC chunk per gap and a short last piece per tensor (146
+chunks against 71 on all-MiniLM-L6-v2, by benchmarks/model_bench.py). A power of two is
+also a multiple of every element size. Smaller pieces would
 find no more duplicates in checkpoints, where a tensor changes as a whole or not at all,
 and would grow the index.
 

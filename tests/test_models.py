@@ -12,6 +12,8 @@ import io
 import json
 import pickle
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -165,6 +167,33 @@ def test_npz_stored_and_compressed(tmp_path: Path) -> None:
     assert {t.name: t.dtype for t in plain.tensors}["ids"] == "I64"
     # Deflated members are no tensors: their bytes go to the normal chunker.
     assert packed.tensors == ()
+
+
+def test_npz_zip64_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = {"a": np.ones((20, 20), dtype=np.float32), "b": np.arange(50)}
+    # zipfile writes zip64 extra fields and end records above ZIP64_LIMIT; a low limit makes
+    # it write them for this small file.
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 100)
+    np.savez(tmp_path / "z64.npz", **arrays)
+    monkeypatch.undo()
+    raw = (tmp_path / "z64.npz").read_bytes()
+    layout = parse_file(tmp_path / "z64.npz")
+
+    assert b"PK\x06\x06" in raw
+    assert layout is not None
+    check_bytes_match(tmp_path / "z64.npz", layout, arrays)
+
+
+def test_gguf_version_2(tmp_path: Path) -> None:
+    arrays = random_tensors(8, SHAPES)
+    data = bytearray(write_gguf(tmp_path / "m.gguf", arrays).read_bytes())
+    # The gguf package's reader (0.19) reads versions 2 and 3 with the same code.
+    data[4:8] = struct.pack("<I", 2)
+    (tmp_path / "v2.gguf").write_bytes(bytes(data))
+    layout = parse_file(tmp_path / "v2.gguf")
+
+    assert layout is not None
+    check_bytes_match(tmp_path / "v2.gguf", layout, arrays)
 
 
 def test_other_files_not_recognised(tmp_path: Path) -> None:
@@ -372,3 +401,17 @@ def test_run_test_command_environment(tmp_path: Path) -> None:
     assert code == 4
     assert out.read_text().split() == [str(tmp_path), str(tmp_path)]
     assert run_test_command("kill -9 $$", str(tmp_path)) == 137
+
+
+def test_parsing_never_imports_torch(tmp_path: Path) -> None:
+    path = write_torch(tmp_path / "m.pt", random_tensors(9, SHAPES))
+    code = (
+        "import sys\n"
+        "from cas.models import parse_file\n"
+        f"layout = parse_file({str(path)!r})\n"
+        "print(len(layout.tensors), 'torch' in sys.modules, 'numpy' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "False", "False"]

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PASSWORD, SMALL_CHUNKER, fast_kdf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from model_files import (
     minilm_path,
     random_tensors,
@@ -129,6 +131,39 @@ def test_planned_cut_independent_of_block_size() -> None:
         assert segment.end in starts
     # Bytes past the plan (a file that grew) are cut by plain FastCDC.
     assert max(whole[0]) <= SMALL_CHUNKER.max_size
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> tuple[tuple[Segment, ...], int, int]:
+    """Draw segments that cover a file, the file's real size (shorter or longer), a block."""
+    piece = piece_size(SMALL_CHUNKER)
+    segments = []
+    offset = 0
+    for _ in range(draw(st.integers(1, 6))):
+        size = draw(st.integers(1, 150_000))
+        aligned = draw(st.booleans())
+        segments.append(Segment(offset, size, piece if aligned else 0, 4 if aligned else 0))
+        offset += size
+    data_size = draw(st.integers(max(offset - 70_000, 0), offset + 70_000))
+    block_size = draw(st.sampled_from([4097, 65536, 70_001, 1 << 20]))
+    return tuple(segments), data_size, block_size
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans())
+def test_planned_cut_streams_like_one_call(plan: tuple[tuple[Segment, ...], int, int]) -> None:
+    segments, data_size, block_size = plan
+    cutter = PlannedCutter(Chunker(SMALL_CHUNKER, seed=3), segments)
+    data = random.Random(data_size).randbytes(data_size)
+    whole = cutter.cut(memoryview(data), 0, True)
+
+    assert sum(whole[0]) == data_size
+    assert all(0 < length <= SMALL_CHUNKER.max_size for length in whole[0])
+    assert stream_cut(cutter, data, block_size) == whole
+    starts = set(itertools.accumulate(whole[0], initial=0))
+    for segment in segments:
+        if segment.end <= data_size:
+            assert segment.end in starts
 
 
 def test_planned_cut_element_sizes() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,8 @@ OVERHEAD_BOUND = 512 << 10
 
 
 @pytest.fixture
-def default_repo(tmp_path: Path) -> Repository:
-    """Return a repository with the default chunker and 8 MiB packs."""
+def default_repo(tmp_path: Path) -> Iterator[Repository]:
+    """Yield a repository with the default chunker and 8 MiB packs."""
     repository = Repository.init(
         str(tmp_path / "repo"),
         PASSWORD.encode(),
@@ -54,7 +55,8 @@ def default_repo(tmp_path: Path) -> Repository:
         pack_size=8 << 20,
         kdf=fast_kdf(),
     )
-    return repository
+    with repository:
+        yield repository
 
 
 @pytest.fixture(scope="module")
@@ -307,9 +309,10 @@ def test_second_format_unaligned_costs_more(
     source = tmp_path / "src"
     source.mkdir()
     (source / "model.safetensors").write_bytes(minilm_path().read_bytes())
-    snapshot(repo, source, align=False)
-    write_torch(source / "model.pt", minilm_arrays)
-    added = snapshot(repo, source, align=False).bytes_added
+    with repo:
+        snapshot(repo, source, align=False)
+        write_torch(source / "model.pt", minilm_arrays)
+        added = snapshot(repo, source, align=False).bytes_added
 
     # Without alignment, chunks that cross tensor boundaries differ between the formats.
     assert added > (source / "model.pt").stat().st_size // 10

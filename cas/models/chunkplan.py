@@ -19,7 +19,7 @@ and would grow the index.
 
 Tensors under ``min_size`` (biases and norms, often 1-6 KiB) are not cut out one by one,
 because a chunk per small tensor would add an index entry and a blob header per few KiB.
-The cost: a change to one small tensor rewrites the CDC chunk around it, which holds its
+The cost: a change to one small tensor rewrites the CDC chunk around it, which contains its
 neighbours between the two nearest large tensors (a few KiB to a few hundred KiB).
 
 `PlannedCutter.cut` follows the streaming rule of `cas.chunker`: it returns only chunks
@@ -146,7 +146,9 @@ def tensor_cutter(chunker: Chunker, fd: int, path: str) -> PlannedCutter | None:
         return None
     try:
         layout = parse_layout(fd_reader(fd), file_size)
-    except ModelFormatError as exc:
+    except (ModelFormatError, OSError) as exc:
+        # OSError: a descriptor without random access (a pipe); the reader then reports
+        # any real read error itself.
         log.debug("%s: not cut at tensor boundaries: %s", path, exc)
         return None
     if layout is None:

@@ -91,6 +91,28 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     return path
 
 
+def small_bert_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """Return random float32 tensors named and shaped like 3 layers of all-MiniLM-L6-v2.
+
+    About 34 MB, for the tests that must run where the real model is not installed.
+    """
+    shapes: dict[str, tuple[int, ...]] = {"embeddings.word_embeddings.weight": (8000, 384)}
+    for layer in range(3):
+        prefix = f"encoder.layer.{layer}."
+        for name in ("query", "key", "value"):
+            shapes[f"{prefix}attention.self.{name}.bias"] = (384,)
+            shapes[f"{prefix}attention.self.{name}.weight"] = (384, 384)
+        shapes[f"{prefix}attention.output.dense.bias"] = (384,)
+        shapes[f"{prefix}attention.output.dense.weight"] = (384, 384)
+        shapes[f"{prefix}attention.output.LayerNorm.bias"] = (384,)
+        shapes[f"{prefix}intermediate.dense.bias"] = (1536,)
+        shapes[f"{prefix}intermediate.dense.weight"] = (1536, 384)
+        shapes[f"{prefix}output.dense.bias"] = (384,)
+        shapes[f"{prefix}output.dense.weight"] = (384, 1536)
+        shapes[f"{prefix}output.LayerNorm.weight"] = (384,)
+    return random_tensors(seed, shapes)
+
+
 def random_tensors(seed: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Return float32 arrays of the given shapes, normal with scale 0.02 like weights."""
     generator = np.random.default_rng(seed)

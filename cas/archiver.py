@@ -44,6 +44,7 @@ from cas.chunker import Chunker
 from cas.codecs import Compression
 from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
 from cas.locks import RepositoryLock
+from cas.models.chunkplan import tensor_cutter
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot, validate_host, validate_labels
@@ -74,6 +75,8 @@ class SnapshotOptions:
     part: str = ""
     # The encoding of new blobs; None takes the repository config's.
     compression: Compression | None = None
+    # Cut recognised model files at tensor boundaries (see cas.models.chunkplan).
+    tensor_align: bool = True
 
 
 @dataclass
@@ -140,6 +143,11 @@ def effective_threads(threads: int) -> int:
     return threads or os.cpu_count() or 1
 
 
+# cut(data, file offset of data, final) -> (chunk lengths, element size of each chunk)
+_CutFunction = Callable[[memoryview, int, bool], tuple[list[int], list[int]]]
+_Block = tuple[bytearray, list[int], list[int]]
+
+
 class _BlockReader:
     """Reads a file in blocks and cuts chunks, optionally on a background thread."""
 
@@ -156,22 +164,28 @@ class _BlockReader:
         """Return a block buffer to the pool once its chunks are processed."""
         self._free.put(buffer)
 
-    def blocks(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
-        """Yield (buffer, chunk lengths) for a file descriptor, in file order.
+    def _plain_cut(self, data: memoryview, base: int, final: bool) -> tuple[list[int], list[int]]:
+        lengths = self.chunker.cut(data, final=final)
+        return lengths, [0] * len(lengths)
+
+    def blocks(self, fd: int, cut: _CutFunction | None = None) -> Iterator[_Block]:
+        """Yield (buffer, chunk lengths, element sizes) for a file descriptor, in file order.
 
         The caller must `release` every yielded buffer. Chunk lengths cover
         the start of the buffer; bytes after them are carried to the next block.
+        ``cut`` replaces the plain chunker, for tensor-aligned cutting.
         """
+        cut = cut or self._plain_cut
         if not self.threaded:
-            yield from self._produce(fd)
+            yield from self._produce(fd, cut)
             return
         # Unbounded: the pool of free buffers already bounds what is in flight.
-        results: queue.Queue[tuple[bytearray, list[int]] | BaseException | None] = queue.Queue()
+        results: queue.Queue[_Block | BaseException | None] = queue.Queue()
         stop = threading.Event()
 
         def run() -> None:
             try:
-                for item in self._produce(fd):
+                for item in self._produce(fd, cut):
                     if stop.is_set():
                         self.release(item[0])
                         break
@@ -201,8 +215,9 @@ class _BlockReader:
                     self.release(leftover[0])
             thread.join()
 
-    def _produce(self, fd: int) -> Iterator[tuple[bytearray, list[int]]]:
+    def _produce(self, fd: int, cut: _CutFunction) -> Iterator[_Block]:
         carry = b""
+        offset = 0
         while True:
             buffer = self._free.get()
             view = memoryview(buffer)
@@ -215,11 +230,12 @@ class _BlockReader:
                     break
                 filled += count
             at_eof = filled < end
-            lengths = self.chunker.cut(view[:filled], final=at_eof)
+            lengths, element_sizes = cut(view[:filled], offset, at_eof)
             used = sum(lengths)
+            offset += used
             carry = bytes(view[used:filled])
             view.release()
-            yield buffer, lengths
+            yield buffer, lengths, element_sizes
             if at_eof:
                 return
 
@@ -548,7 +564,7 @@ class Archiver:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            chunks, sizes, digest, size = self._chunk_file(fd, writer)
+            chunks, sizes, digest, size = self._chunk_file(fd, writer, path)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -563,22 +579,26 @@ class Archiver:
             raise FileChangedError(f"{path} changed while it was read", node)
         return node
 
-    def _chunk_file(self, fd: int, writer: BlobWriter) -> tuple[list[bytes], list[int], bytes, int]:
+    def _chunk_file(
+        self, fd: int, writer: BlobWriter, path: str = ""
+    ) -> tuple[list[bytes], list[int], bytes, int]:
         keys = self.repo.keys
+        cutter = tensor_cutter(self.chunker, fd, path) if self.options.tensor_align else None
         file_hash = blake3.blake3(max_threads=1)
         chunks: list[bytes] = []
         sizes: list[int] = []
         size = 0
         writer.reset_sampling()
-        for buffer, lengths in self.reader.blocks(fd):
+        cut = cutter.cut if cutter else None
+        for buffer, lengths, element_sizes in self.reader.blocks(fd, cut):
             try:
                 view = memoryview(buffer)
                 offset = 0
-                for length in lengths:
+                for length, element_size in zip(lengths, element_sizes, strict=True):
                     piece = view[offset : offset + length]
                     chunk_id = keys.blob_id(piece)
                     file_hash.update(piece)
-                    writer.add_chunk(chunk_id, piece)
+                    writer.add_chunk(chunk_id, piece, element_size=element_size)
                     chunks.append(chunk_id)
                     sizes.append(length)
                     offset += length

@@ -13,6 +13,7 @@ import sys
 from cas.errors import UsageError
 from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 
+from .checkout_verify import add_verify_options, verify_checkout
 from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
 from .context import human_size, info, memory_limit, open_repository, print_json
@@ -56,6 +57,7 @@ def register(
         metavar="MIB",
         help="bound on buffers in MiB (default 256)",
     )
+    add_verify_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
 
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = Restorer(repo, snapshot, args.dest, options, show).run()
         line.close()
+    verified = verify_checkout(args) if not result.failed else {}
     if args.json:
         print_json(
             {
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 "include": [printable(os.fsencode(path)) for path in args.include],
                 "seconds": round(result.seconds, 3),
                 "failed": [{"path": path, "error": error} for path, error in result.failed],
+                **verified,
             }
         )
     for path, error in result.failed:

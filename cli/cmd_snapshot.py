@@ -64,6 +64,13 @@ def register(
         "always:K: also group other chunks as elements of K bytes (2, 4 or 8), for raw float "
         "arrays cas does not recognise (default: the repository's)",
     )
+    parser.add_argument(
+        "--no-tensor-align",
+        dest="tensor_align",
+        action="store_false",
+        help="cut model files (safetensors, GGUF, torch, npz) like any other file, not at "
+        "tensor boundaries",
+    )
     _add_part_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         memory_limit=memory_limit(args.memory),
         host=args.host,
         part=args.part,
+        tensor_align=args.tensor_align,
     )
     # Parsed before the repository opens, so a typo costs no password prompt.
     snapshot_compression(args, LEGACY_COMPRESSION)

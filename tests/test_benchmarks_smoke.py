@@ -74,3 +74,22 @@ def test_rollback_benchmark_tiny() -> None:
     assert rows["unchanged-warm"]["bytes_written"] == 0
     assert rows["one-shard"]["rewritten"] == 1
     assert rows["touched"]["rewritten"] == 4
+
+
+def test_model_bench_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    command = [sys.executable, "-m", "benchmarks.model_bench", "--synthetic-mib", "2"]
+    command += ["--no-minilm", "--scenarios", "changed", "inserted", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["scenario"], row["aligned"]) for row in rows} == {
+        ("changed", True),
+        ("changed", False),
+        ("inserted", True),
+        ("inserted", False),
+    }
+    assert all(row["bytes_added"] >= row["touched_bytes"] for row in rows)
+    assert all(row["cpu_s"] > 0 for row in rows)
+    assert "| synthetic-2mib | changed | on |" in result.stdout

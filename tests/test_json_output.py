@@ -58,7 +58,7 @@ def test_every_command_one_document(
 def test_init_one_document(cas_env: CasEnv, run_cas: RunCas) -> None:
     document = json.loads(run_cas("init", "--json").stdout)
 
-    assert set(document) == {"repository", "id"}
+    assert set(document) == {"repository", "id", "compression", "byte_group"}
 
 
 @pytest.mark.parametrize(

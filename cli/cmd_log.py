@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from cas.excludes import EXCLUDE_META, exclude_patterns_of
 from cas.snapshot import Snapshot
+from cas.streaminput import STDIN_META
 
 from .context import open_repository, print_json
 
@@ -51,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for snapshot in snapshots:
         paths = ", ".join(path.decode(errors="replace") for path in snapshot.paths)
+        if not paths and STDIN_META in snapshot.meta:
+            paths = f"(stdin) {snapshot.meta[STDIN_META]}"
         tags = f" [{', '.join(snapshot.tags)}]" if snapshot.tags else ""
         print(f"{snapshot.snapshot_hex[:16]}  {snapshot.time[:19]}  {snapshot.host}  {paths}{tags}")
         if snapshot.message:
             print(f"    {snapshot.message}")
+        if EXCLUDE_META in snapshot.meta:
+            print(f"    excluded: {', '.join(exclude_patterns_of(snapshot))}")
     return 0

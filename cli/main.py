@@ -35,6 +35,7 @@ from . import (
     cmd_snapshot,
     cmd_stats,
     cmd_unlock,
+    cmd_watch,
 )
 from .context import add_global_options, print_json
 
@@ -60,6 +61,7 @@ _COMMANDS = [
     cmd_prune,
     cmd_gc,
     cmd_unlock,
+    cmd_watch,
     cmd_debug,
 ]
 

@@ -127,6 +127,9 @@ class Repository(repository.Repository):
         )
         return cast(Repository, created)
 
+    def __enter__(self) -> Repository:
+        return self
+
     def snapshot(
         self,
         paths: PathLike | Iterable[PathLike],

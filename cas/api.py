@@ -224,13 +224,13 @@ class Repository(repository.Repository):
         whose source paths include that path (made absolute).
         """
         tags = {tag} if isinstance(tag, str) else set(tag)
-        wanted = os.fsencode(os.path.abspath(path)) if path is not None else None
+        source_path = os.fsencode(os.path.abspath(path)) if path is not None else None
         return [
             snap
             for snap in self.list_snapshots()
             if tags <= set(snap.tags)
             and (host is None or snap.host == host)
-            and (wanted is None or wanted in snap.paths)
+            and (source_path is None or source_path in snap.paths)
         ]
 
     def checkout(

@@ -6,8 +6,8 @@ deduplicated like any file. A stream has no stat, so the file gets mode 0o644,
 the caller's uid and gid, and the current time as mtime and ctime. A name with
 folders, such as ``ckpt/model.pt``, gets those folders (mode 0o755).
 
-The snapshot's ``paths`` is empty and its meta key ``cas.stdin`` holds the
-name. Its parent is the newest snapshot of a stream of the same name from the
+The snapshot's ``paths`` is empty and its meta key ``cas.stdin`` contains
+the name. Its parent is the newest snapshot of a stream of the same name from the
 same host; nothing is reused from it, since a stream is always read whole.
 """
 

@@ -1,6 +1,6 @@
 """What the snapshot walk leaves out and which symlinks it follows.
 
-`WalkRules` holds the state that the archiver's recursive walk needs for
+`WalkRules` keeps the state that the archiver's recursive walk needs for
 ``--exclude`` and ``--dereference``: the folders from the root down to the
 current one, as names for the exclude patterns and as (device, inode) pairs
 that reveal a symlink loop.

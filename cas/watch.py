@@ -129,7 +129,8 @@ class Watcher:
     def _watch_settle(self) -> None:
         state = self._scan()
         changed_at = time.monotonic()
-        baseline = state if not self.options.once and self._covered(self.root, state) else None
+        covered = not self.options.once and self._covered(self.root, state, self._newest())
+        baseline = state if covered else None
         while not self.stop.is_set():
             settled = time.monotonic() - changed_at >= self.options.settle
             pending = bool(state) and state != baseline and self._may_try(self.root, state)
@@ -147,10 +148,11 @@ class Watcher:
 
     def _watch_markers(self) -> None:
         markers = self._scan_markers()
+        newest = self._newest() if not self.options.once else {}
         done = {
             folder: signature
             for folder, signature in markers.items()
-            if not self.options.once and self._covered(folder, {"": signature})
+            if self._covered(folder, {"": signature}, newest)
         }
         while not self.stop.is_set():
             for folder, signature in sorted(markers.items()):
@@ -198,18 +200,22 @@ class Watcher:
         waited = time.monotonic() - failed_at >= self.options.retry_after
         return state != failed_state or waited
 
-    def _covered(self, path: str, state: FileState) -> bool:
-        """Return whether the newest snapshot of ``path`` from this host is newer than ``state``."""
-        wanted = (os.fsencode(path),)
-        snapshots = [
-            snap
-            for snap in self.repo.list_snapshots()
-            if snap.host == self.host and snap.paths == wanted and part_name(snap) is None
-        ]
-        if not snapshots or not state:
+    def _newest(self) -> dict[str, datetime]:
+        """Return source folder -> time of its newest snapshot from this host (not parts)."""
+        newest: dict[str, datetime] = {}
+        for snap in self.repo.list_snapshots():
+            if snap.host == self.host and len(snap.paths) == 1 and part_name(snap) is None:
+                newest[os.fsdecode(snap.paths[0])] = snap.datetime
+        return newest
+
+    @staticmethod
+    def _covered(path: str, state: FileState, newest: dict[str, datetime]) -> bool:
+        """Return whether the newest snapshot of ``path`` is newer than every file of ``state``."""
+        taken = newest.get(path)
+        if taken is None or not state:
             return False
         newest_ns = max(mtime_ns for _size, mtime_ns in state.values())
-        return snapshots[-1].datetime.timestamp() * 1e9 >= newest_ns
+        return taken.timestamp() * 1e9 >= newest_ns
 
     def _emit(
         self,
@@ -259,7 +265,7 @@ class Watcher:
                 try:
                     st = entry.stat(follow_symlinks=self.snapshot_options.dereference)
                 except OSError:
-                    # Removed or a dangling link: the next poll sees the change.
+                    # Removed, or a dangling link: the next poll finds the change.
                     continue
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if self.excludes and self.excludes.excluded(rel_path, is_dir):

@@ -1,6 +1,6 @@
 """Train a small model with numpy and snapshot its checkpoint folder every N steps.
 
-A linear regression stands in for a real model. Every ``--every`` steps, and once
+A linear regression takes the place of a real model. Every ``--every`` steps, and once
 more at the end of training, the loop writes a checkpoint folder (weights,
 optimizer state, a JSON file with the step and loss) and stores it as a snapshot
 with the step and loss as metadata. Run it with:
@@ -59,8 +59,10 @@ def save_checkpoint(
 
 
 def resume(repo: cas.Repository, run: str, folder: Path) -> tuple[int, np.ndarray, np.ndarray]:
-    """Return (step, weights, velocity) of the newest checkpoint of the run, restoring it
-    from the repository first when the folder is missing; step 0 when there is none."""
+    """Load the run's newest checkpoint as (step, weights, velocity), step 0 if there is none.
+
+    When the folder is missing, the newest snapshot of the run is checked out into it first.
+    """
     snapshots = repo.snapshots(tag=run)
     if not folder.exists() and snapshots:
         restored = repo.checkout(snapshots[-1], folder)

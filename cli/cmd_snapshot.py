@@ -169,6 +169,11 @@ def run_join(args: argparse.Namespace) -> int:
         raise UsageError(
             "--join and --join-parts take no PATH, --part or --stdin: they read no files"
         )
+    if args.exclude or args.exclude_file or args.dereference:
+        raise UsageError(
+            "--join and --join-parts take no --exclude, --exclude-file or --dereference: "
+            "they join stored parts as they are"
+        )
     options = JoinOptions(
         tags=args.tag, message=args.message, meta=parse_meta(args.meta), host=args.host
     )

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     stored = snapshot_options(args)
     _timestamp_logs()
     stop = threading.Event()
-    with open_repository(args) as repo, _stop_on_signals(stop):
+    with _stop_on_signals(stop), open_repository(args) as repo:
         watcher = Watcher(repo, args.dir, options, stored, lambda event: _report(args, event), stop)
         watcher.run()
     return 0

@@ -38,11 +38,21 @@ class WatchProcess:
         )
         self.events: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.stderr_lines: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read_events, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
 
-    def _read(self):
+    def _read_events(self):
         for line in self.process.stdout:
             self.events.put(json.loads(line))
+
+    def _read_stderr(self):
+        for line in self.process.stderr:
+            self.stderr_lines.append(line)
 
     def next_event(self, timeout=EVENT_TIMEOUT_SECONDS):
         """Return the next event; fail the test if none comes within ``timeout`` seconds."""
@@ -65,13 +75,15 @@ class WatchProcess:
     def stop(self, signum=signal.SIGTERM):
         """Send ``signum`` and return (exit code, stderr)."""
         self.process.send_signal(signum)
-        _, stderr = self.process.communicate(timeout=EVENT_TIMEOUT_SECONDS)
-        return self.process.returncode, stderr
+        code = self.process.wait(timeout=EVENT_TIMEOUT_SECONDS)
+        for reader in self.readers:
+            reader.join(timeout=EVENT_TIMEOUT_SECONDS)
+        return code, "".join(self.stderr_lines)
 
     def kill(self):
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
 
 
 @pytest.fixture
@@ -227,7 +239,9 @@ def test_watch_survives_locked_repository(cli_repo, run_cas, watch, tmp_path):
 
 
 def test_watch_sigint_stops(cli_repo, watch, tmp_path):
-    process = watch(tmp_path, "--settle", "0.3", "--interval", "0.05")
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    process = watch(root, "--settle", "0.3", "--interval", "0.05")
     code, stderr = process.stop(signal.SIGINT)
     assert code == 0, stderr
     assert process.next_event()["event"] == "stop"
@@ -254,7 +268,7 @@ def test_watch_once_failure_exit_code(cli_repo, run_cas, tmp_path):
 
 def test_watch_invalid_options(cli_repo, run_cas, tmp_path):
     assert "not a folder" in run_cas("watch", tmp_path / "none", expect=2).stderr
-    result = run_cas("watch", tmp_path, "--marker", "a/b", expect=2)
+    result = run_cas("watch", tmp_path / "none", "--marker", "a/b", expect=2)
     assert "invalid --marker" in result.stderr
-    result = run_cas("watch", tmp_path, "--interval", "0", expect=2)
+    result = run_cas("watch", tmp_path / "none", "--interval", "0", expect=2)
     assert "invalid --interval" in result.stderr

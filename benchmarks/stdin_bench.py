@@ -68,6 +68,7 @@ def run(size_mib: int, work: Path) -> dict[str, object]:
     data = source / "model.bin"
     write_weights(data, size_mib * MiB)
     data.read_bytes()
+
     cas = f"{sys.executable} -m cas_cli.main"
     cases = {
         "snapshot FILE (baseline)": f"{cas} snapshot {source} --quiet",
@@ -76,6 +77,7 @@ def run(size_mib: int, work: Path) -> dict[str, object]:
             f"cat {data} | {cas} snapshot --stdin --stdin-name m.bin --quiet"
         ),
     }
+
     results = []
     for number, (name, command) in enumerate(cases.items()):
         repo = work / f"repo-{number}"
@@ -85,6 +87,7 @@ def run(size_mib: int, work: Path) -> dict[str, object]:
         env["XDG_CACHE_HOME"] = str(work / "xdg")
         wall, cpu = timed(command, env)
         results.append({"case": name, "seconds": wall, "cpu_seconds": cpu})
+
     baseline = results[0]["seconds"]
     for result in results:
         result["mb_per_s"] = size_mib * MiB / 1e6 / float(result["seconds"])

@@ -240,7 +240,8 @@ class Archiver:
         self.unchanged_files = 0
         self._last_progress = 0.0
         # (device, inode) -> node of a file with several hard links, read once. With
-        # --dereference it holds every file, so two links to one file read it once.
+        # --dereference it keeps every file, so two links to one file read it once.
+        # NOTE: memory then grows by one node per file (with its chunk ids).
         self._hardlinks: dict[tuple[int, int], Node] = {}
         self.walk = WalkRules(options.exclude, options.dereference, self._warn)
 

@@ -20,7 +20,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 def make_hf_cache(hub: Path) -> Path:
     """Create ``models--org--name`` below ``hub`` as huggingface_hub lays it out.
 
-    The revision folder holds relative symlinks into ``blobs/``, and one symlink to a
+    The revision folder contains relative symlinks into ``blobs/``, and one symlink to a
     folder (``extra``, pointing at a shared folder of tokenizer files). Return the
     revision folder.
     """

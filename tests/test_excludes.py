@@ -1,10 +1,14 @@
-"""Exclude patterns: each gitignore rule of the matcher, and `cas snapshot --exclude` and
-`--exclude-file` against a real folder and repository.
+"""Exclude patterns: each gitignore rule of the matcher, agreement with `git check-ignore`
+on a real folder, and `cas snapshot --exclude` and `--exclude-file` against a real
+repository.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,83 @@ def test_cli_unreadable_exclude_file(cli_repo, run_cas, tmp_path):
 def test_cli_empty_exclude_pattern(cli_repo, run_cas, tmp_path):
     result = run_cas("snapshot", tmp_path, "--exclude", "", expect=2)
     assert "invalid --exclude ''" in result.stderr
+
+
+# Agreement with git
+
+TREE_FILES = [
+    "model.safetensors",
+    "train.log",
+    "scratch.tmp",
+    "#notes",
+    "!keep",
+    "name ",
+    "[x]",
+    "shard-1.bin",
+    "shard-7.bin",
+    "optimizer/state.bin",
+    "optimizer/keep.bin",
+    "optimizer/deep/moments.bin",
+    "logs/run.log",
+    "sub/logs/run.log",
+    "sub/model.safetensors",
+    "sub/scratch.tmp",
+    "a/b/c/z",
+    "a/z",
+    "runs/1/events.out.tfevents",
+    "runs/2/keep.txt",
+]
+PATTERN_SETS = [
+    ["*.tmp", "*.log"],
+    ["/model.safetensors", "sub/"],
+    ["optimizer/", "!optimizer/keep.bin"],
+    ["optimizer/*", "!optimizer/keep.bin"],
+    ["optimizer/**", "!optimizer/deep/"],
+    ["logs/"],
+    ["/logs/"],
+    ["**/logs/run.log"],
+    ["a/**/z"],
+    ["runs/**", "!runs/2/", "!runs/2/**"],
+    ["shard-[0-5].bin", "[!s]*.bin"],
+    ["shard-?.bin", "!shard-7.bin"],
+    ["\\#notes", "\\!keep", "name\\ "],
+    ["\\[x]", "*.safetensors", "!sub/*.safetensors"],
+    ["*", "!*/", "!*.bin"],
+]
+
+
+def walk_excluded(matcher: ExcludeMatcher, rel_path: str, root: Path) -> bool:
+    """Return whether the snapshot walk leaves ``rel_path`` out: it or a parent folder matches."""
+    parts = rel_path.split("/")
+    for depth in range(1, len(parts)):
+        if matcher.excluded("/".join(parts[:depth]), True):
+            return True
+    return matcher.excluded(rel_path, (root / rel_path).is_dir())
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("patterns", PATTERN_SETS, ids=lambda p: " ".join(p))
+def test_matches_git_check_ignore(tmp_path, patterns):
+    for rel in TREE_FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / ".gitignore").write_text("\n".join(patterns) + "\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, capture_output=True)
+    folders = sorted({str(Path(rel).parent) for rel in TREE_FILES} - {"."})
+    paths = TREE_FILES + folders
+    # No user or system configuration, whose core.excludesFile would add patterns.
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    result = subprocess.run(
+        ["git", "-C", str(tmp_path), "check-ignore", "--no-index", "--stdin", "-z"],
+        input="\0".join(paths) + "\0",
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    ignored_by_git = {path for path in result.stdout.split("\0") if path}
+    matcher = ExcludeMatcher(patterns)
+    for path in paths:
+        expected = path in ignored_by_git
+        assert walk_excluded(matcher, path, tmp_path) is expected, path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ from .cmd_unlock import add_wait_option, retry_while_locked
 from .context import human_size, info, open_repository, print_json
 from .progress import ProgressLine
 from .snapshot_options import add_snapshot_options, parse_meta, snapshot_options
+
+STDIN_FD = 0
 
 
 def register(
@@ -156,10 +159,13 @@ def _archiver(
         return Archiver(repo, options, show)
     if args.paths:
         raise UsageError("--stdin reads standard input and takes no PATH; drop the paths")
-    if sys.stdin.isatty():
-        raise UsageError("--stdin reads standard input, which is a terminal; pipe the data in")
-    # Unbuffered, so each read fills the block buffer without an extra copy.
-    stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115
+    try:
+        if os.isatty(STDIN_FD):
+            raise UsageError("--stdin reads standard input, which is a terminal; pipe the data in")
+        # Unbuffered, so each read fills the block buffer without an extra copy.
+        stdin = open(STDIN_FD, "rb", buffering=0, closefd=False)  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"--stdin cannot read standard input: {exc.strerror}") from None
     return StreamArchiver(repo, options, stdin, args.stdin_name, show)
 
 

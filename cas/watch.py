@@ -99,6 +99,7 @@ class Watcher:
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise UsageError(f"invalid watch folder {root}: not a folder; give an existing folder")
+        _check_outside(self.root, repo)
         self.options = options
         self.snapshot_options = snapshot_options
         self.host = snapshot_options.host or socket.gethostname()
@@ -275,3 +276,21 @@ class Watcher:
                 elif not is_dir:
                     found.append((rel_path, st))
         return found
+
+
+def _check_outside(root: str, repo: Repository) -> None:
+    """Reject a watched folder that contains the repository or its cache.
+
+    Each snapshot writes there, so the folder would never settle, or be stored into itself.
+    """
+    backend_root = getattr(repo.backend, "root", None)
+    places = [("repository", backend_root), ("cache", repo.cache_dir)]
+    for kind, place in places:
+        if place is None:
+            continue
+        inside = os.path.commonpath([root, os.path.abspath(place)]) == root
+        if inside:
+            raise UsageError(
+                f"invalid watch folder {root}: it contains the {kind} {place}; "
+                f"watch a folder outside it"
+            )

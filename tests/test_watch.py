@@ -272,3 +272,8 @@ def test_watch_invalid_options(cli_repo, run_cas, tmp_path):
     assert "invalid --marker" in result.stderr
     result = run_cas("watch", tmp_path / "none", "--interval", "0", expect=2)
     assert "invalid --interval" in result.stderr
+
+
+def test_watch_rejects_repository_inside(cli_repo, run_cas, tmp_path):
+    result = run_cas("watch", tmp_path, expect=2)
+    assert "contains the repository" in result.stderr

@@ -23,6 +23,7 @@ import errno
 import functools
 import getpass
 import grp
+import json
 import logging
 import os
 import pwd
@@ -43,12 +44,14 @@ from cas.blobstore import BlobWriter
 from cas.chunker import Chunker
 from cas.codecs import Compression
 from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
+from cas.excludes import EXCLUDE_META
 from cas.locks import RepositoryLock
 from cas.models.chunkplan import tensor_cutter
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot, validate_host, validate_labels
 from cas.tree import Node, encode_tree
+from cas.walk import WalkRules
 from cas.writeonly import LocalTreeCache
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,10 @@ class SnapshotOptions:
     compression: Compression | None = None
     # Cut recognised model files at tensor boundaries (see cas.models.chunkplan).
     tensor_align: bool = True
+    # Gitignore-style patterns of paths to leave out (see `cas.excludes`), in order.
+    exclude: list[str] = field(default_factory=list)
+    # Store what symlinks point to, as files and folders, instead of the links.
+    dereference: bool = False
 
 
 @dataclass
@@ -113,6 +120,8 @@ class SnapshotResult:
     unchanged_files: int
     warnings: tuple[str, ...]
     seconds: float
+    # Paths left out by the exclude patterns; the folders among them were not walked.
+    excluded: int = 0
 
 
 class FileChangedError(CasError):
@@ -264,10 +273,13 @@ class Archiver:
         self.dirs = 0
         self.unchanged_files = 0
         self._last_progress = 0.0
-        # (device, inode) -> node of a file with several hard links, read once.
+        # (device, inode) -> node of a file with several hard links, read once. With
+        # --dereference it keeps every file, so two links to one file read it once.
+        # NOTE: memory then grows by one node per file (with its chunk ids).
         self._hardlinks: dict[tuple[int, int], Node] = {}
         # A write-only key cannot read trees back, so its parent comes from local disk.
         self.local_trees = LocalTreeCache(repo) if repo.keys.write_only else None
+        self.walk = WalkRules(options.exclude, options.dereference, self._warn)
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -287,18 +299,8 @@ class Archiver:
             return self._run(paths)
 
     def _run(self, paths: list[str]) -> SnapshotResult:
-        if not paths:
-            raise UsageError("no path given: name at least one file or folder to snapshot")
-        validate_labels(self.options.tags, self.options.message, self.options.meta)
-        if self.options.host:
-            validate_host(self.options.host)
-        if self.options.part:
-            check_part_name(self.options.part)
         started = time.monotonic()
-        sources = [os.path.abspath(path) for path in paths]
-        for source in sources:
-            if not os.path.lexists(source):
-                raise NotFoundError(f"path {source} does not exist")
+        sources = self._check_sources(paths)
         host = self.options.host or socket.gethostname()
         parent = self._find_parent(sources, host)
         if self.progress_callback:
@@ -337,7 +339,23 @@ class Archiver:
             unchanged_files=self.unchanged_files,
             warnings=tuple(self.warnings),
             seconds=time.monotonic() - started,
+            excluded=self.walk.excluded_count,
         )
+
+    def _check_sources(self, paths: list[str]) -> list[str]:
+        """Validate the paths and options; return the absolute source paths."""
+        if not paths:
+            raise UsageError("no path given: name at least one file or folder to snapshot")
+        validate_labels(self.options.tags, self.options.message, self.options.meta)
+        if self.options.host:
+            validate_host(self.options.host)
+        if self.options.part:
+            check_part_name(self.options.part)
+        sources = [os.path.abspath(path) for path in paths]
+        for source in sources:
+            if not os.path.lexists(source):
+                raise NotFoundError(f"path {source} does not exist")
+        return sources
 
     def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:
         if self.local_trees is not None and self.options.parent:
@@ -381,6 +399,7 @@ class Archiver:
                 "dirs": self.dirs,
                 "bytes_read": self.progress.bytes_read,
                 "bytes_total": self.progress.bytes_total,
+                **({"excluded": self.walk.excluded_count} if self.options.exclude else {}),
             },
         )
         return self.repo.write_snapshot(snapshot)
@@ -396,6 +415,8 @@ class Archiver:
         meta = dict(self.options.meta)
         if self.options.part:
             meta[PART_META] = self.options.part
+        if self.options.exclude:
+            meta[EXCLUDE_META] = json.dumps(self.options.exclude)
         return meta
 
     # Walking
@@ -447,14 +468,16 @@ class Archiver:
         self, path: str, name: bytes, parent: Node | None, writer: BlobWriter, follow: bool = False
     ) -> Node | None:
         try:
-            st = os.stat(path) if follow else os.lstat(path)
+            st, followed = self.walk.stat(path, follow)
         except OSError as exc:
             self._warn(f"cannot stat {path}: {exc.strerror}; skipped")
+            return None
+        if self.walk.excluded(name, st):
             return None
         node = self._store_stat(path, name, st, parent, writer)
         if node is None or node.type == "symlink":
             return node
-        xattrs = self._read_xattrs(path)
+        xattrs = self._read_xattrs(path, follow=followed)
         return replace(node, xattrs=xattrs) if xattrs else node
 
     def _store_stat(
@@ -475,10 +498,10 @@ class Archiver:
             return None
         return _meta_node(name, kind, st, rdev=st.st_rdev if kind.endswith("dev") else 0)
 
-    def _read_xattrs(self, path: str) -> dict[bytes, bytes]:
+    def _read_xattrs(self, path: str, follow: bool = False) -> dict[bytes, bytes]:
         """Return a path's extended attributes; none where the file system has no support."""
         try:
-            names = os.listxattr(path, follow_symlinks=False)
+            names = os.listxattr(path, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.ENOENT):
                 self._warn(f"cannot list extended attributes of {path}: {exc.strerror}")
@@ -486,7 +509,7 @@ class Archiver:
         xattrs: dict[bytes, bytes] = {}
         for key in names:
             try:
-                xattrs[os.fsencode(key)] = os.getxattr(path, key, follow_symlinks=False)
+                xattrs[os.fsencode(key)] = os.getxattr(path, key, follow_symlinks=follow)
             except OSError as exc:
                 self._warn(f"cannot read extended attribute {key} of {path}: {exc.strerror}")
         return xattrs
@@ -507,11 +530,12 @@ class Archiver:
         except OSError as exc:
             self._warn(f"cannot list {path}: {exc.strerror}; stored as an empty folder")
             entries = []
-        for entry in entries:
-            child = os.path.join(path, os.fsdecode(entry))
-            node = self._store_path(child, entry, parent_nodes.get(entry), writer)
-            if node is not None:
-                nodes.append(node)
+        with self.walk.enter(name, st):
+            for entry in entries:
+                child = os.path.join(path, os.fsdecode(entry))
+                node = self._store_path(child, entry, parent_nodes.get(entry), writer)
+                if node is not None:
+                    nodes.append(node)
         self.dirs += 1
         subtree = self._store_tree(nodes, writer)
         return _meta_node(name, "dir", st, subtree=subtree)
@@ -530,15 +554,17 @@ class Archiver:
             return _meta_node(
                 name, "file", st, chunks=parent.chunks, sizes=parent.sizes, digest=parent.digest
             )
-        # A second path of a hard-linked file reuses the first path's chunks.
-        linked = self._hardlinks.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+        # A second path of a hard-linked file, or of a file that symlinks point to
+        # under --dereference, reuses the first path's chunks.
+        shared = st.st_nlink > 1 or self.options.dereference
+        linked = self._hardlinks.get((st.st_dev, st.st_ino)) if shared else None
         if linked is not None and _unchanged(linked, st):
             self.progress.bytes_skipped += st.st_size
             return _meta_node(
                 name, "file", st, chunks=linked.chunks, sizes=linked.sizes, digest=linked.digest
             )
         node = self._read_with_retries(path, name, writer)
-        if node is not None and st.st_nlink > 1:
+        if node is not None and shared:
             self._hardlinks[(st.st_dev, st.st_ino)] = node
         return node
 

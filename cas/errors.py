@@ -66,3 +66,7 @@ class WriteOnlyKeyError(UsageError):
 
 class VerificationFailedError(CasError):
     """A user's verification command failed on restored files."""
+
+
+class TargetWriteError(CasError):
+    """Files of a checkout could not be written into the target folder (full, not writable)."""

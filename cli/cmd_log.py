@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from cas.excludes import EXCLUDE_META, exclude_patterns_of
 from cas.history import SnapshotFilter, make_filter
 from cas.repository import Repository
 from cas.snapshot import Snapshot
+from cas.streaminput import STDIN_META
 from cas.writeonly import SealedSnapshot, list_sealed_snapshots
 
 from .context import open_repository, print_json
@@ -97,8 +99,25 @@ def snapshot_json(snapshot: Snapshot, parent_hex: str | None = None) -> dict[str
 def describe(snapshot: Snapshot) -> str:
     """Return the one-line text form: short id, time, host, paths and tags."""
     paths = ", ".join(path.decode(errors="replace") for path in snapshot.paths)
+    if not paths and STDIN_META in snapshot.meta:
+        paths = f"(stdin) {snapshot.meta[STDIN_META]}"
     tags = f" [{', '.join(snapshot.tags)}]" if snapshot.tags else ""
     return f"{snapshot.snapshot_hex[:16]}  {snapshot.time[:19]}  {snapshot.host}  {paths}{tags}"
+
+
+def detail_lines(snapshot: Snapshot) -> Iterator[str]:
+    """Yield the indented lines under a snapshot's line: message, user meta, excludes.
+
+    Meta keys that start with ``cas.`` are shown in their own form (the stdin name in
+    the paths column, the exclude patterns on their own line), not as KEY=VALUE.
+    """
+    if snapshot.message:
+        yield f"    {snapshot.message}"
+    user_meta = {key: value for key, value in snapshot.meta.items() if not key.startswith("cas.")}
+    if user_meta:
+        yield "    " + ", ".join(f"{key}={value}" for key, value in user_meta.items())
+    if EXCLUDE_META in snapshot.meta:
+        yield f"    excluded: {', '.join(exclude_patterns_of(snapshot))}"
 
 
 def graph_lines(snapshots: list[Snapshot], parents: dict[str, str | None]) -> Iterator[str]:
@@ -165,10 +184,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for snapshot in snapshots:
         print(describe(snapshot))
-        if snapshot.message:
-            print(f"    {snapshot.message}")
-        if snapshot.meta:
-            print("    " + ", ".join(f"{key}={value}" for key, value in snapshot.meta.items()))
+        for line in detail_lines(snapshot):
+            print(line)
     return 0
 
 
@@ -193,10 +210,9 @@ def run_write_only(
         if item.snapshot is None:
             print(f"{item.snapshot_hex[:16]}  (sealed: a full key can read it)")
             continue
-        snapshot = item.snapshot
-        paths = ", ".join(path.decode(errors="replace") for path in snapshot.paths)
-        tags = f" [{', '.join(snapshot.tags)}]" if snapshot.tags else ""
-        print(f"{snapshot.snapshot_hex[:16]}  {snapshot.time[:19]}  {snapshot.host}  {paths}{tags}")
+        print(describe(item.snapshot))
+        for line in detail_lines(item.snapshot):
+            print(line)
     return 0
 
 

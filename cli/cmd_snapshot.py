@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from dataclasses import replace
+from collections.abc import Callable
 
 from cas.archiver import Archiver, SnapshotOptions, SnapshotProgress
-from cas.codecs import LEGACY_COMPRESSION, Compression, parse_byte_group, parse_codec
+from cas.codecs import LEGACY_COMPRESSION
 from cas.errors import UsageError
 from cas.parts import JoinOptions, join_parts, part_name, resolve_parts
+from cas.repository import Repository
 from cas.snapshot import Snapshot
+from cas.streaminput import StreamArchiver, check_stream_name
 
 from .cmd_unlock import add_wait_option, retry_while_locked
-from .context import human_size, info, memory_limit, open_repository, print_json
+from .context import human_size, info, open_repository, print_json
 from .progress import progress_line
+from .snapshot_options import (
+    add_snapshot_options,
+    parse_meta,
+    snapshot_compression,
+    snapshot_options,
+)
+
+STDIN_FD = 0
 
 
 def register(
@@ -25,15 +36,7 @@ def register(
         "snapshot", parents=[parent], help="store files and folders as a new snapshot"
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to store")
-    parser.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
-    parser.add_argument("--message", "-m", default="", help="a message stored with the snapshot")
-    parser.add_argument(
-        "--meta",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="free metadata (repeatable)",
-    )
+    add_snapshot_options(parser)
     parser.add_argument(
         "--parent",
         default=None,
@@ -41,39 +44,24 @@ def register(
         "non-part snapshot of the same paths and host, or for --part the latest part of the "
         "same name and host)",
     )
-    parser.add_argument("--host", default="", help="host name to record (default: this machine's)")
-    parser.add_argument(
-        "--memory",
-        type=int,
-        default=256,
-        metavar="MIB",
-        help="bound on file and pack buffers in MiB (default 256)",
-    )
-    parser.add_argument(
-        "--compression",
-        default=None,
-        metavar="CODEC",
-        help="codec of this snapshot's new blobs: lz4, zstd, zstd:LEVEL (1 to 19) or none "
-        "(default: the repository's, set by cas init)",
-    )
-    parser.add_argument(
-        "--byte-group",
-        default=None,
-        metavar="RULE",
-        help="auto: group the bytes of chunks whose float element size is known; off: never; "
-        "always:K: also group other chunks as elements of K bytes (2, 4 or 8), for raw float "
-        "arrays cas does not recognise (default: the repository's)",
-    )
-    parser.add_argument(
-        "--no-tensor-align",
-        dest="tensor_align",
-        action="store_false",
-        help="cut model files (safetensors, GGUF, torch, npz) like any other file, not at "
-        "tensor boundaries",
-    )
+    _add_stdin_options(parser)
     _add_part_options(parser)
     add_wait_option(parser)
     parser.set_defaults(run=run)
+
+
+def _add_stdin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stdin",
+        action="store_true",
+        help="store standard input as one file named by --stdin-name, instead of PATHs",
+    )
+    parser.add_argument(
+        "--stdin-name",
+        default="",
+        metavar="NAME",
+        help="name of the file that --stdin stores, such as model.pt or ckpt/model.pt",
+    )
 
 
 def _add_part_options(parser: argparse.ArgumentParser) -> None:
@@ -109,45 +97,18 @@ def _add_part_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_meta(items: list[str]) -> dict[str, str]:
-    """Parse KEY=VALUE strings."""
-    meta = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"invalid --meta {item!r}: write KEY=VALUE")
-        meta[key] = value
-    return meta
-
-
-def snapshot_compression(args: argparse.Namespace, default: Compression) -> Compression:
-    """Return ``default`` with the --compression and --byte-group overrides applied."""
-    compression = default
-    if args.compression is not None:
-        codec, level = parse_codec(args.compression)
-        compression = replace(compression, codec=codec, level=level)
-    if args.byte_group is not None:
-        compression = replace(compression, byte_group=parse_byte_group(args.byte_group))
-    return compression
-
-
 def run(args: argparse.Namespace) -> int:
     """Take the snapshot, or join parts, and print its summary."""
     if args.join or args.join_parts:
         return run_join(args)
     if args.join_tag:
         raise UsageError("--join-tag only selects parts for --join-parts")
-    options = SnapshotOptions(
-        tags=args.tag,
-        message=args.message,
-        meta=parse_meta(args.meta),
-        parent=args.parent,
-        threads=args.threads,
-        memory_limit=memory_limit(args.memory),
-        host=args.host,
-        part=args.part,
-        tensor_align=args.tensor_align,
-    )
+    if args.stdin_name and not args.stdin:
+        raise UsageError("--stdin-name names the file of --stdin; add --stdin or drop it")
+    options = snapshot_options(args, parent=args.parent)
+    options.part = args.part
+    if args.stdin:
+        check_stream_name(args.stdin_name)
     # Parsed before the repository opens, so a typo costs no password prompt.
     snapshot_compression(args, LEGACY_COMPRESSION)
     with open_repository(args) as repo:
@@ -162,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
             )
 
         # Without a visible bar, no callback, so the archiver skips summing file sizes.
-        archiver = Archiver(repo, options, show if line.enabled else None)
+        archiver = _archiver(args, repo, options, show if line.enabled else None)
         # The archiver takes its lock before it writes anything, so a run that
-        # failed on the lock can be repeated as a whole.
+        # failed on the lock can be repeated as a whole. A stream cannot be
+        # read twice, but nothing of it is read before the lock is taken.
         result = retry_while_locked(lambda: archiver.run(args.paths), args.wait)
         line.close()
     snapshot = result.snapshot
@@ -183,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 "new_chunks": result.new_chunks,
                 "compression": str(options.compression),
                 "byte_group": options.compression.byte_group if options.compression else "",
+                "excluded": result.excluded,
                 "seconds": round(result.seconds, 3),
                 "warnings": list(result.warnings),
             }
@@ -198,10 +161,38 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result.warnings else 0
 
 
+def _archiver(
+    args: argparse.Namespace,
+    repo: Repository,
+    options: SnapshotOptions,
+    show: Callable[[SnapshotProgress], None] | None,
+) -> Archiver:
+    """Return the archiver of the files and folders, or with --stdin of standard input."""
+    if not args.stdin:
+        return Archiver(repo, options, show)
+    if args.paths:
+        raise UsageError("--stdin reads standard input and takes no PATH; drop the paths")
+    try:
+        if os.isatty(STDIN_FD):
+            raise UsageError("--stdin reads standard input, which is a terminal; pipe the data in")
+        # Unbuffered, so each read fills the block buffer without an extra copy.
+        stdin = open(STDIN_FD, "rb", buffering=0, closefd=False)  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"--stdin cannot read standard input: {exc.strerror}") from None
+    return StreamArchiver(repo, options, stdin, args.stdin_name, show)
+
+
 def run_join(args: argparse.Namespace) -> int:
     """Join the parts named by --join and --join-parts into one snapshot."""
-    if args.paths or args.part:
-        raise UsageError("--join and --join-parts take no PATH and no --part: they read no files")
+    if args.paths or args.part or args.stdin:
+        raise UsageError(
+            "--join and --join-parts take no PATH, --part or --stdin: they read no files"
+        )
+    if args.exclude or args.exclude_file or args.dereference:
+        raise UsageError(
+            "--join and --join-parts take no --exclude, --exclude-file or --dereference: "
+            "they join stored parts as they are"
+        )
     options = JoinOptions(
         tags=args.tag, message=args.message, meta=parse_meta(args.meta), host=args.host
     )

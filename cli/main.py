@@ -41,6 +41,7 @@ from . import (
     cmd_stats,
     cmd_tag,
     cmd_unlock,
+    cmd_watch,
 )
 from .context import add_global_options, print_json
 
@@ -71,6 +72,7 @@ _COMMANDS = [
     cmd_gc,
     cmd_unlock,
     cmd_key,
+    cmd_watch,
     cmd_debug,
 ]
 

@@ -34,6 +34,7 @@ from cas.parts import part_name
 from cas.repository import Repository
 from cas.snapshot import Snapshot
 from cas.tree import Node
+from cas.writeonly import visible_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,11 @@ class StreamArchiver(Archiver):
 
     def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:
         if self.options.parent:
-            return self.repo.resolve_snapshot(self.options.parent)
+            # The base class resolves it, and rejects it for a write-only key.
+            return super()._find_parent(sources, host)
         candidates = [
             snap
-            for snap in self.repo.list_snapshots()
+            for snap in visible_snapshots(self.repo)
             if snap.host == host and snap.meta.get(STDIN_META) == self.name
             if part_name(snap) is None
         ]

@@ -36,6 +36,7 @@ from cas.errors import CasError, UsageError
 from cas.excludes import ExcludeMatcher
 from cas.parts import part_name
 from cas.repository import Repository
+from cas.writeonly import visible_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Watcher:
     def _newest(self) -> dict[str, datetime]:
         """Return source folder -> time of its newest snapshot from this host (not parts)."""
         newest: dict[str, datetime] = {}
-        for snap in self.repo.list_snapshots():
+        for snap in visible_snapshots(self.repo):
             if snap.host == self.host and len(snap.paths) == 1 and part_name(snap) is None:
                 newest[os.fsdecode(snap.paths[0])] = snap.datetime
         return newest

@@ -189,3 +189,17 @@ def list_sealed_snapshots(repo: Repository) -> list[SealedSnapshot]:
             known.append(snapshot)
     known.sort(key=lambda snap: (snap.datetime, snap.snapshot_hex), reverse=True)
     return [SealedSnapshot(snap.snapshot_hex, snap) for snap in known] + unknown
+
+
+def visible_snapshots(repo: Repository) -> list[Snapshot]:
+    """Return the snapshots this key can read, oldest first.
+
+    A full key reads every snapshot (`Repository.list_snapshots`). A write-only key
+    cannot open snapshot objects, so the result holds only those that this machine's key wrote
+    and recorded locally. Parent searches of stream snapshots and the restart check of
+    `cas watch` use this, so they work with either kind of key.
+    """
+    if not repo.keys.write_only:
+        return repo.list_snapshots()
+    known = [item.snapshot for item in list_sealed_snapshots(repo) if item.snapshot is not None]
+    return sorted(known, key=lambda snap: (snap.datetime, snap.snapshot_hex))

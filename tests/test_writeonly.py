@@ -9,14 +9,18 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 from cas_cli.demo import find_model
 from conftest import PASSWORD, SMALL_CHUNKER, CasEnv, RunCas, fast_kdf
 from s3server import SeaweedServer, s3_server, use_server_env
+from test_watch import WatchProcess
 
 from cas.backend.s3 import S3Backend
 from cas.crypto import MasterKeys
@@ -129,6 +133,10 @@ def test_write_only_snapshot_of_real_model(
         ["key", "add", "--new-password-file", "PW"],
         ["key", "passwd", "--new-password-file", "PW"],
         ["snapshot", "--parent", "latest", "SRC"],
+        ["diff", "latest", "latest"],
+        ["dump", "latest", "weights.bin", "-o", "OUT"],
+        ["find", "*.bin"],
+        ["tag", "latest", "--add", "best"],
     ],
     ids=lambda command: "-".join(command[:2]),
 )
@@ -196,6 +204,51 @@ def test_write_only_log(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> No
     assert "sealed" in text
     tagged = json.loads(run_cas("log", "--json", "--tag", "cluster", env=writer).stdout)
     assert [entry["id"] for entry in tagged] == [mine["id"]]
+
+
+def test_write_only_stdin_snapshot(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> None:
+    data = random.Random(11).randbytes(300_000)
+    (tmp_path / "model.pt").write_bytes(data)
+    writer = add_writer(cli_repo)
+    command = [sys.executable, "-m", "cas_cli.main", "snapshot", "--stdin", "--json"]
+    command += ["--stdin-name", "model.pt"]
+
+    runs = []
+    for _ in range(2):
+        with open(tmp_path / "model.pt", "rb") as stream:
+            runs.append(
+                subprocess.run(
+                    command, env=writer, stdin=stream, capture_output=True, text=True, check=False
+                )
+            )
+
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    second = json.loads(runs[1].stdout)
+    assert second["new_chunks"] == 0
+    run_cas("checkout", second["id"], tmp_path / "out")
+    assert (tmp_path / "out" / "model.pt").read_bytes() == data
+
+
+def test_write_only_watch(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> None:
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(random.Random(12).randbytes(100_000))
+    run_cas("snapshot", tmp_path / "ckpt" / "weights.bin")
+    writer = add_writer(cli_repo)
+    # Without --once, watch first looks for a snapshot that already covers the folder,
+    # and the repository has one that a write-only key cannot open.
+    process = WatchProcess(SimpleNamespace(env=writer), source, "--settle", "0.2")
+    try:
+        events = [process.next_event()["event"], process.next_event()["event"]]
+        code, stderr = process.stop()
+    finally:
+        process.kill()
+
+    assert events == ["start", "snapshot"], stderr
+    assert code == 0, stderr
+    run_cas("checkout", "latest", tmp_path / "out")
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == (source / "weights.bin").read_bytes()
 
 
 def test_dedup_full_then_write_only(

@@ -31,6 +31,9 @@ _EXPORTS = {
     "CheckoutResult": "cas.restorer",
     "CheckoutProgress": "cas.restorer",
     "Snapshot": "cas.snapshot",
+    "SnapshotDiff": "cas.diff",
+    "FileChange": "cas.diff",
+    "TensorChange": "cas.diff",
     "CasError": "cas.errors",
     "UsageError": "cas.errors",
     "NotFoundError": "cas.errors",
@@ -40,6 +43,7 @@ _EXPORTS = {
     "LockedError": "cas.errors",
     "BackendError": "cas.errors",
     "TargetWriteError": "cas.errors",
+    "WriteOnlyKeyError": "cas.errors",
 }
 
 __all__ = [
@@ -48,15 +52,19 @@ __all__ = [
     "CasError",
     "CheckoutProgress",
     "CheckoutResult",
+    "FileChange",
     "IntegrityError",
     "LockedError",
     "NotFoundError",
     "Repository",
     "Snapshot",
+    "SnapshotDiff",
     "SnapshotProgress",
     "SnapshotResult",
     "TargetWriteError",
+    "TensorChange",
     "UsageError",
+    "WriteOnlyKeyError",
     "WrongPasswordError",
     "__version__",
     "read_password",
@@ -65,6 +73,7 @@ __all__ = [
 if TYPE_CHECKING:
     from cas.api import Repository, read_password
     from cas.archiver import SnapshotProgress, SnapshotResult
+    from cas.diff import FileChange, SnapshotDiff, TensorChange
     from cas.errors import (
         AlreadyExistsError,
         BackendError,
@@ -74,6 +83,7 @@ if TYPE_CHECKING:
         NotFoundError,
         TargetWriteError,
         UsageError,
+        WriteOnlyKeyError,
         WrongPasswordError,
     )
     from cas.restorer import CheckoutProgress, CheckoutResult

@@ -11,7 +11,7 @@
 `Repository` extends `cas.repository.Repository`, so an instance also works with
 the lower-level classes (`cas.archiver.Archiver`, `cas.restorer.Restorer`,
 `cas.checker`). Every method raises the classes of `cas.errors` and returns a
-frozen dataclass: `SnapshotResult`, `Snapshot` or `CheckoutResult`. docs/python-api.md
+frozen dataclass: `SnapshotResult`, `Snapshot`, `CheckoutResult` or `SnapshotDiff`. docs/python-api.md
 describes it with examples.
 """
 
@@ -35,6 +35,7 @@ from cas.backend import Backend
 from cas.chunker import ChunkerParams
 from cas.codecs import DEFAULT_COMPRESSION, Compression
 from cas.crypto import KdfParams, MasterKeys
+from cas.diff import SnapshotDiff, diff_snapshots
 from cas.errors import IntegrityError, TargetWriteError, UsageError
 from cas.excludes import check_pattern, read_exclude_file
 from cas.restorer import CheckoutOptions, CheckoutProgress, CheckoutResult, Restorer
@@ -244,6 +245,8 @@ class Repository(repository.Repository):
         dest: PathLike,
         *,
         overwrite: bool = False,
+        delete: bool = False,
+        include: Iterable[str] = (),
         threads: int = 0,
         memory_limit: int = 256 << 20,
         wait: float = 0.0,
@@ -252,6 +255,9 @@ class Repository(repository.Repository):
     ) -> CheckoutResult:
         """Restore a snapshot (object, id, prefix or ``latest``) into ``dest``, verified.
 
+        ``overwrite``, ``delete`` and ``include`` work as `cas checkout --overwrite`,
+        ``--delete`` and ``--include PATH``: roll an existing folder back, remove what the
+        snapshot lacks, and restore only these snapshot paths (as `cas ls` shows them).
         With ``check`` (the default), a path that could not be restored raises
         `IntegrityError` when data failed verification or was missing, and
         `TargetWriteError` when only writes into ``dest`` failed. Without it,
@@ -260,7 +266,12 @@ class Repository(repository.Repository):
         if isinstance(snapshot, str):
             snapshot = self.resolve_snapshot(snapshot)
         options = CheckoutOptions(
-            overwrite=overwrite, threads=threads, memory_limit=memory_limit, wait=wait
+            overwrite=overwrite,
+            threads=threads,
+            memory_limit=memory_limit,
+            wait=wait,
+            delete=delete,
+            include=tuple(include),
         )
         result = Restorer(self, snapshot, os.fspath(dest), options, progress).run()
         if check and result.failed:
@@ -273,3 +284,15 @@ class Repository(repository.Repository):
                 raise TargetWriteError(message)
             raise IntegrityError(message)
         return result
+
+    def diff(self, old: Snapshot | str, new: Snapshot | str) -> SnapshotDiff:
+        """Compare two snapshots (objects, ids, prefixes or ``latest``), as `cas diff` does.
+
+        The result lists the files added, removed and changed, and for model files that
+        `cas` recognises on both sides the tensors added, removed and changed.
+        """
+        if isinstance(old, str):
+            old = self.resolve_snapshot(old)
+        if isinstance(new, str):
+            new = self.resolve_snapshot(new)
+        return diff_snapshots(self, old, new)

@@ -16,6 +16,7 @@ import pytest
 
 import cas
 from tests.conftest import PASSWORD, SMALL_CHUNKER, fast_kdf
+from tests.model_files import random_tensors, write_safetensors
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "train_loop.py"
 
@@ -108,6 +109,55 @@ def test_snapshot_stream(api_repo, tmp_path):
     assert second.new_chunks == 0
     api_repo.checkout(second.snapshot.snapshot_hex[:12], tmp_path / "restore")
     assert (tmp_path / "restore" / "model.pt").read_bytes() == data
+
+
+def test_diff_lists_changed_tensor(api_repo, tmp_path):
+    shapes = {"a.weight": (256, 256), "b.weight": (256, 256), "c.bias": (256,)}
+    tensors = random_tensors(3, shapes)
+    (tmp_path / "ckpt").mkdir()
+    write_safetensors(tmp_path / "ckpt" / "model.safetensors", tensors)
+    first = api_repo.snapshot(tmp_path / "ckpt")
+    tensors["b.weight"] = tensors["b.weight"] + 1
+    write_safetensors(tmp_path / "ckpt" / "model.safetensors", tensors)
+    (tmp_path / "ckpt" / "notes.txt").write_text("new")
+    second = api_repo.snapshot(tmp_path / "ckpt")
+
+    changes = api_repo.diff(first.snapshot.snapshot_hex[:12], "latest")
+
+    assert isinstance(changes, cas.SnapshotDiff)
+    assert changes.new == second.snapshot
+    by_path = {item.path: item for item in changes.files}
+    assert set(by_path) == {"model.safetensors", "notes.txt"}
+    assert by_path["notes.txt"].change == "added"
+    model = by_path["model.safetensors"]
+    assert model.change == "changed"
+    assert model.format == "safetensors"
+    assert [(item.name, item.change) for item in model.tensors] == [("b.weight", "changed")]
+    assert isinstance(model.tensors[0], cas.TensorChange)
+    assert model.tensors[0].shape == (256, 256)
+
+
+def test_checkout_rollback_and_include(api_repo, tmp_path):
+    files = make_folder(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "sub").mkdir()
+    (tmp_path / "ckpt" / "sub" / "part.bin").write_bytes(b"part")
+    result = api_repo.snapshot(tmp_path / "ckpt")
+    target = tmp_path / "restore"
+    api_repo.checkout(result.snapshot, target)
+    (target / "model.bin").write_bytes(b"a much shorter file")
+    (target / "extra.txt").write_text("not in the snapshot")
+
+    rolled = api_repo.checkout(result.snapshot, target, overwrite=True, delete=True)
+
+    assert (target / "model.bin").read_bytes() == files["model.bin"]
+    assert not (target / "extra.txt").exists()
+    assert rolled.rewritten == 1
+    assert rolled.deleted == 1
+    assert rolled.unchanged >= 2
+    partial = api_repo.checkout(result.snapshot, tmp_path / "part", include=["sub/part.bin"])
+    assert partial.files == 1
+    assert (tmp_path / "part" / "sub" / "part.bin").read_bytes() == b"part"
+    assert not (tmp_path / "part" / "model.bin").exists()
 
 
 def test_snapshots_filters(api_repo, tmp_path):

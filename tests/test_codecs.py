@@ -489,3 +489,49 @@ def test_cli_copy_keeps_grouping(cas_env: CasEnv, run_cas: RunCas, tmp_path: Pat
             filters[name] = {location.filter for _id, location in repo.index.cache.items()}
     assert 4 in filters["grouped"]
     assert filters["plain"] == {0}
+
+
+def test_auto_grouping_real_model(
+    cas_env: CasEnv, run_cas: RunCas, tmp_path: Path, minilm_model: Path
+) -> None:
+    """The tensor-aware chunker hands fp32 element sizes to `--byte-group auto`."""
+    cas_json(run_cas, "init", "--compression", "zstd")
+    source = tmp_path / "model"
+    source.mkdir()
+    shutil.copyfile(minilm_model, source / "model.safetensors")
+
+    first = cas_json(run_cas, "snapshot", source)
+
+    assert first["byte_group"] == "auto"
+    with Repository.open(str(cas_env.repo), cas_env.password.encode()) as repo:
+        repo.index.sync()
+        chunks = [loc for _id, loc in repo.index.cache.items() if loc.blob_type == BlobType.CHUNK]
+    grouped = [location for location in chunks if location.filter == 4]
+    assert len(grouped) > len(chunks) // 2
+    raw_size = sum(location.raw_size for location in grouped)
+    stored_size = sum(location.stored_size for location in grouped)
+    # On these fp32 weights grouping plus zstd level 1 saved about 17 %; demand 8 %.
+    assert stored_size < 0.92 * raw_size
+    run_cas("checkout", "latest", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == minilm_model.read_bytes()
+
+
+def test_write_only_writer_in_zstd_repository(
+    cas_env: CasEnv, run_cas: RunCas, tmp_path: Path
+) -> None:
+    """A write-only key seals zstd-compressed, grouped blobs that the owner reads back."""
+    cas_json(run_cas, "init", "--compression", "zstd", "--byte-group", "auto")
+    (tmp_path / "pw").write_text("writer password\n")
+    run_cas("key", "add", "--write-only", "--new-password-file", tmp_path / "pw")
+    source = tmp_path / "src"
+    files = write_model_folder(source)
+    writer = {**cas_env.env, "CAS_PASSWORD": "writer password"}
+    writer["XDG_CACHE_HOME"] = str(tmp_path / "writer-cache")
+
+    result = run_cas("snapshot", source, "--byte-group", "always:4", "--json", env=writer)
+    written = json.loads(result.stdout)
+
+    assert written["compression"] == "zstd:1"
+    run_cas("checkout", str(written["id"]), tmp_path / "out")
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in files} == files
+    run_cas("check", "--read-data")

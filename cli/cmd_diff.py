@@ -109,7 +109,10 @@ def _file_line(change: FileChange) -> str:
     if change.content_changed and change.type == change.old_type:
         notes.append(f"content, {human_size(change.old_size)} -> {human_size(change.size)}")
     if change.format:
-        notes.append(f"{change.format}, {len(change.tensors)} tensors differ")
+        count = len(change.tensors)
+        notes.append(
+            f"{change.format}, {count} {'tensor differs' if count == 1 else 'tensors differ'}"
+        )
     return f"{line}  ({'; '.join(notes)})"
 
 

@@ -148,6 +148,7 @@ def test_diff_cli_json(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> Non
         }
     ]
     assert "~ c.weight  F32 100x100, 40,000 bytes" in text
+    assert "safetensors, 1 tensor differs" in text
     assert "+ notes.txt" in text
 
 

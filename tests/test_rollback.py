@@ -16,13 +16,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from cas.archiver import Archiver, SnapshotOptions
 from cas.errors import UsageError
 from cas.index import pack_name
 from cas.restorer import CheckoutOptions, CheckoutResult, Restorer
-from cas.target import TEMP_PREFIX
+from cas.target import PARALLEL_DIGEST_MIN_SIZE, TEMP_PREFIX, digest_fd, digest_threads
 
 KIB = 1 << 10
 BASE_MTIME_NS = 1_650_000_000_000_000_123
@@ -483,3 +484,30 @@ def test_temp_file_failure_keeps_old_file(repo, snapshot, tmp_path, monkeypatch)
     assert [path for path, _ in result.failed] == [str(dest / "shorter.bin")]
     assert result.failed[0][1].startswith("write failed")
     assert (dest / "shorter.bin").read_bytes() == old
+
+
+@pytest.mark.parametrize(
+    ("size", "threads", "expected"),
+    [
+        (0, 2, 1),
+        (2048, 2, 1),
+        (PARALLEL_DIGEST_MIN_SIZE - 1, 2, 1),
+        (PARALLEL_DIGEST_MIN_SIZE, 2, 2),
+        (PARALLEL_DIGEST_MIN_SIZE, 1, 1),
+        (1 << 30, 2, 2),
+    ],
+)
+def test_digest_threads_by_size(size: int, threads: int, expected: int) -> None:
+    assert digest_threads(size, threads) == expected
+
+
+def test_digest_fd_matches_blake3(tmp_path: Path) -> None:
+    for size in (0, 2048, PARALLEL_DIGEST_MIN_SIZE + 4096):
+        data = random.Random(size).randbytes(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert digest_fd(fd, size, 2) == blake3.blake3(data).digest()
+        finally:
+            os.close(fd)

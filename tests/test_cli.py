@@ -134,6 +134,7 @@ def test_ls_missing_path(cli_repo, run_cas, source):
     result = run_cas("ls", "latest", "/no-such-file", expect=2)
 
     assert "/no-such-file" in result.stderr
+    assert "`cas ls SNAPSHOT` lists its paths" in result.stderr
 
 
 def test_ls_through_file(cli_repo, run_cas, tmp_path):

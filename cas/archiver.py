@@ -354,7 +354,9 @@ class Archiver:
         sources = [os.path.abspath(path) for path in paths]
         for source in sources:
             if not os.path.lexists(source):
-                raise NotFoundError(f"path {source} does not exist")
+                raise NotFoundError(
+                    f"path {source} does not exist; check the paths to snapshot for a typo"
+                )
         return sources
 
     def _find_parent(self, sources: list[str], host: str) -> Snapshot | None:

@@ -51,11 +51,16 @@ def locate(repo: Repository, root_id: bytes, path: str) -> Located:
     for depth, part in enumerate(parts):
         if node is not None and node.type != "dir":
             shown = "/" + "/".join(os.fsdecode(p) for p in parts[:depth])
-            raise NotFoundError(f"path {shown} in the snapshot is a {node.type}, not a folder")
+            raise NotFoundError(
+                f"path {shown} in the snapshot is a {node.type}, not a folder; "
+                f"`cas ls SNAPSHOT` lists its paths"
+            )
         node = next((entry for entry in repo.load_tree(tree_id) if entry.name == part), None)
         if node is None:
             shown = "/" + "/".join(os.fsdecode(p) for p in parts[: depth + 1])
-            raise NotFoundError(f"path {shown} is not in the snapshot")
+            raise NotFoundError(
+                f"path {shown} is not in the snapshot; `cas ls SNAPSHOT` lists its paths"
+            )
         tree_id = node.subtree
     return Located(parts, node)
 
@@ -72,9 +77,7 @@ def build_selection(repo: Repository, root_id: bytes, paths: list[str]) -> Selec
         try:
             located.append(locate(repo, root_id, path))
         except NotFoundError as exc:
-            raise UsageError(
-                f"invalid --include {path}: {exc}; `cas ls SNAPSHOT` lists its paths"
-            ) from None
+            raise UsageError(f"invalid --include {path}: {exc}") from None
     if any(not item.parts for item in located):
         return None
     selection: Selection = {}

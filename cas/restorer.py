@@ -209,7 +209,10 @@ class Restorer:
 
     def _check_target(self) -> None:
         if os.path.lexists(self.target) and not os.path.isdir(self.target):
-            raise UsageError(f"checkout target {self.target} exists and is not a folder")
+            raise UsageError(
+                f"checkout target {self.target} exists and is not a folder; "
+                f"choose a new or empty folder"
+            )
         if os.path.isdir(self.target) and os.listdir(self.target) and not self.options.overwrite:
             raise UsageError(
                 f"checkout target {self.target} is not empty; choose an empty or new folder, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cas.errors import VerificationFailedError
 from cas.models.verify import ModelCheck, run_test_command, verify_models
 
 from .context import info
@@ -28,10 +27,12 @@ def add_verify_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def verify_checkout(args: argparse.Namespace) -> dict[str, object]:
-    """Run the requested checks on args.dest; raise `VerificationFailedError` if one fails.
+def verify_checkout(args: argparse.Namespace) -> tuple[dict[str, object], str | None]:
+    """Run the requested checks on args.dest.
 
-    Return the JSON fields that describe what ran.
+    Return the JSON fields that describe what ran, and the message of the check that
+    failed or None. The caller reports a failure after it printed the fields, so a
+    script learns which model failed and what the test command returned.
     """
     fields: dict[str, object] = {}
     if args.verify_models:
@@ -41,7 +42,7 @@ def verify_checkout(args: argparse.Namespace) -> dict[str, object]:
         for check in failed:
             print(f"error: {check.path}: {check.error}", file=sys.stderr)
         if failed:
-            raise VerificationFailedError(
+            return fields, (
                 f"{len(failed)} of {len(checks)} model files failed verification"
                 + ("; the test command was not run" if args.test_command else "")
             )
@@ -51,11 +52,9 @@ def verify_checkout(args: argparse.Namespace) -> dict[str, object]:
         code = run_test_command(args.test_command, args.dest, sys.stderr if args.json else None)
         fields["test_command"] = {"command": args.test_command, "exit_code": code}
         if code != 0:
-            raise VerificationFailedError(
-                f"the test command {args.test_command!r} failed with exit code {code}"
-            )
+            return fields, f"the test command {args.test_command!r} failed with exit code {code}"
         info(args, "the test command passed")
-    return fields
+    return fields, None
 
 
 def _check_json(check: ModelCheck) -> dict[str, object]:

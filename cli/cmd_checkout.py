@@ -22,6 +22,7 @@ from .progress import progress_line
 EXIT_WARNINGS = 1
 EXIT_OPERATIONAL = 2
 EXIT_INTEGRITY = 3
+EXIT_VERIFICATION = 6
 
 
 def register(
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
         result = Restorer(repo, snapshot, args.dest, options, show).run()
         line.close()
-    verified = verify_checkout(args) if not result.failed else {}
+    verified, verify_error = verify_checkout(args) if not result.failed else ({}, None)
+    if verify_error is not None:
+        # The restore summary and the checks' results stay in the one JSON document.
+        verified.update(error=verify_error, exit_code=EXIT_VERIFICATION)
     if args.json:
         print_json(
             {
@@ -117,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
             f"'latest' may not be the newest snapshot; run `cas check`",
             file=sys.stderr,
         )
+    if verify_error is not None:
+        print(f"cas: {verify_error}; the files stay in {args.dest}", file=sys.stderr)
+        return EXIT_VERIFICATION
     if result.failed:
         print(
             f"checkout incomplete: {len(result.failed)} paths could not be restored "

@@ -49,9 +49,12 @@ def register(
 
 
 def read_other_password(
-    repository: str, password_file: str | None, command: str | None, env_name: str
+    repository: str, password_file: str | None, command: str | None, env_name: str, prefix: str
 ) -> bytes:
-    """Return the password of a second repository: command, file, environment, then prompt."""
+    """Return the password of a second repository: command, file, environment, then prompt.
+
+    ``prefix`` starts the names of its options, such as ``--to`` for ``--to-password-file``.
+    """
     if command:
         result = subprocess.run(command, shell=True, capture_output=True, check=False)
         if result.returncode != 0:
@@ -68,8 +71,8 @@ def read_other_password(
         return os.environ[env_name].encode()
     if not sys.stdin.isatty():
         raise UsageError(
-            f"no password given for the {repository}: set {env_name} or pass its password file "
-            f"or password command"
+            f"no password given for the {repository}: set {env_name}, or pass "
+            f"{prefix}-password-file FILE or {prefix}-password-command CMD"
         )
     return getpass.getpass(f"password of the {repository}: ").encode()
 
@@ -84,7 +87,11 @@ def _strip_newline(data: bytes, repository: str) -> bytes:
 def run(args: argparse.Namespace) -> int:
     """Copy the snapshots and print a summary."""
     password = read_other_password(
-        "target repository", args.to_password_file, args.to_password_command, "CAS_TO_PASSWORD"
+        "target repository",
+        args.to_password_file,
+        args.to_password_command,
+        "CAS_TO_PASSWORD",
+        "--to",
     )
     target_cache = Path(args.to_cache_dir) if args.to_cache_dir else cache_dir(args)
     with (

@@ -108,6 +108,7 @@ def _chunker_and_keys(args: argparse.Namespace) -> tuple[ChunkerParams, MasterKe
         args.from_password_file,
         args.from_password_command,
         "CAS_FROM_PASSWORD",
+        "--from",
     )
     with Repository.open(
         args.copy_chunker_params_from, password, cache_dir=cache_dir(args)

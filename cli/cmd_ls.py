@@ -37,7 +37,9 @@ def find_node(repo: Repository, root_id: bytes, path: str) -> tuple[str, Node | 
         node = nodes.get(os.fsencode(part))
         shown += "/" + part
         if node is None:
-            raise NotFoundError(f"path {shown} is not in the snapshot")
+            raise NotFoundError(
+                f"path {shown} is not in the snapshot; `cas ls SNAPSHOT` lists its paths"
+            )
         if node.type == "dir":
             tree_id = node.subtree
         elif number < len(parts) - 1:

@@ -58,7 +58,7 @@ def _add_stdin_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stdin-name",
-        default="",
+        default=None,
         metavar="NAME",
         help="name of the file that --stdin stores, such as model.pt or ckpt/model.pt",
     )
@@ -103,10 +103,15 @@ def run(args: argparse.Namespace) -> int:
         return run_join(args)
     if args.join_tag:
         raise UsageError("--join-tag only selects parts for --join-parts")
-    if args.stdin_name and not args.stdin:
+    if args.stdin_name is not None and not args.stdin:
         raise UsageError("--stdin-name names the file of --stdin; add --stdin or drop it")
     options = snapshot_options(args, parent=args.parent)
     options.part = args.part
+    if args.stdin and args.stdin_name is None:
+        raise UsageError(
+            "--stdin needs --stdin-name NAME, the name of the file in the snapshot, "
+            "such as --stdin-name model.pt"
+        )
     if args.stdin:
         check_stream_name(args.stdin_name)
     # Parsed before the repository opens, so a typo costs no password prompt.

@@ -134,6 +134,7 @@ def test_ls_missing_path(cli_repo, run_cas, source):
     result = run_cas("ls", "latest", "/no-such-file", expect=2)
 
     assert "/no-such-file" in result.stderr
+    assert "`cas ls SNAPSHOT` lists its paths" in result.stderr
 
 
 def test_ls_through_file(cli_repo, run_cas, tmp_path):
@@ -252,6 +253,7 @@ def test_snapshot_missing_path(cli_repo, run_cas, tmp_path):
     result = run_cas("snapshot", missing, expect=2)
 
     assert str(missing) in result.stderr
+    assert "check the paths to snapshot" in result.stderr
 
 
 def test_init_existing_repository(cli_repo, run_cas):
@@ -398,6 +400,7 @@ def test_checkout_target_is_file(cli_repo, run_cas, source, tmp_path):
     result = run_cas("checkout", "latest", dest, "--overwrite", expect=2)
 
     assert "not a folder" in result.stderr
+    assert "choose a new or empty folder" in result.stderr
 
 
 def test_checkout_overwrite_file_over_folder(cli_repo, run_cas, source, tmp_path):

@@ -249,3 +249,15 @@ def test_copy_to_s3(
     first, _env = copy_and_verify(cli_repo, run_cas, tmp_path, target)
 
     assert first["shared_ids"] is False
+
+
+def test_copy_target_password_missing(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> None:
+    target = str(tmp_path / "target")
+    init_unshared_target(target, tmp_path / "target-xdg")
+
+    result = run_cas("copy", "--to", target, expect=2)
+
+    # The message names the options to pass, not only the environment variable.
+    assert "CAS_TO_PASSWORD" in result.stderr
+    assert "--to-password-file FILE" in result.stderr
+    assert "--to-password-command CMD" in result.stderr

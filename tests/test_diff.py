@@ -204,3 +204,31 @@ def test_checkout_test_command(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path
     # With --json the command's output goes to stderr, so stdout stays one JSON document.
     assert "hi" in failed.stderr
     assert (tmp_path / "fail" / "data.txt").read_text() == "payload"
+
+
+def test_checkout_failed_check_report(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    write_safetensors(source / "m.safetensors", random_tensors(6, SHAPES))
+    (source / "m.safetensors").write_bytes((source / "m.safetensors").read_bytes()[:-8])
+    run_cas("snapshot", source)
+    bad_model = run_cas(
+        "checkout", "latest", tmp_path / "bad", "--verify-models", "--json", expect=6
+    )
+    (source / "m.safetensors").unlink()
+    (source / "data.txt").write_text("payload")
+    run_cas("snapshot", source)
+    bad_command = run_cas(
+        "checkout", "latest", tmp_path / "fail", "--test-command", "exit 3", "--json", expect=6
+    )
+
+    # A script must learn which model failed and what the test command returned.
+    model_document = json.loads(bad_model.stdout)
+    assert model_document["exit_code"] == 6
+    assert model_document["files"] == 1
+    assert model_document["models"][0]["path"] == "m.safetensors"
+    assert model_document["models"][0]["error"]
+    command_document = json.loads(bad_command.stdout)
+    assert command_document["exit_code"] == 6
+    assert "exit code 3" in command_document["error"]
+    assert command_document["test_command"] == {"command": "exit 3", "exit_code": 3}

@@ -337,6 +337,7 @@ def test_dump_missing_path(cli_repo, stored):
 
     assert result.returncode == 2
     assert b"/tokenizer/nothing" in result.stderr
+    assert b"`cas ls SNAPSHOT` lists its paths" in result.stderr
     assert result.stdout == b""
 
 

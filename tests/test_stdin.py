@@ -82,6 +82,13 @@ def test_stdin_invalid_name(cli_repo, name):
     assert "invalid --stdin-name" in stderr
 
 
+def test_stdin_without_name(cli_repo):
+    _, stderr = pipe_into_cas(cli_repo, b"abc", expect=2)
+    # The user gave no name at all, so the message asks for the option, not a valid value.
+    assert "--stdin needs --stdin-name NAME" in stderr
+    assert "''" not in stderr
+
+
 def test_stdin_with_path_rejected(cli_repo, tmp_path):
     _, stderr = pipe_into_cas(cli_repo, b"abc", tmp_path, "--stdin-name", "m.pt", expect=2)
     assert "takes no PATH" in stderr

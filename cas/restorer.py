@@ -51,10 +51,12 @@ from cas.restoreplan import FileJob, Plan, Planner
 from cas.snapshot import Snapshot
 from cas.streamrestore import restore_stream
 from cas.target import (
+    DAMAGED_SUFFIX,
     TEMP_PREFIX,
     SafeTree,
     apply_metadata,
     digest_fd,
+    free_name,
     lstat_entry,
     remove_entry,
 )
@@ -425,6 +427,26 @@ class Restorer:
             os.close(fd)
         if job.temp:
             self._replace_with_temp(job)
+        elif job.error:
+            self._set_aside_damaged(job)
+
+    def _set_aside_damaged(self, job: FileJob) -> None:
+        """Rename a file that failed to NAME.cas-damaged, so its real name is never damaged.
+
+        A model loader that opens the real name then fails loudly, instead of reading
+        zeros where a chunk was lost. The renamed file keeps the intact parts for salvage.
+        If the rename fails (a name too long for the suffix), the file is removed instead.
+        """
+        dir_fd = self.safe.open_dir(job.rel[:-1])
+        try:
+            damaged = free_name(job.rel[-1] + DAMAGED_SUFFIX, dir_fd)
+            os.rename(job.rel[-1], damaged, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            job.error += f"; the restored part was kept as {os.fsdecode(damaged)}"
+        except OSError as exc:
+            os.unlink(job.rel[-1], dir_fd=dir_fd)
+            job.error += f"; the file was removed, since renaming it failed: {exc.strerror}"
+        finally:
+            os.close(dir_fd)
 
     def _replace_with_temp(self, job: FileJob) -> None:
         """Rename a verified rewrite over the old file; a failed one is dropped."""

@@ -146,6 +146,20 @@ def create_temp(dir_fd: int) -> bytes:
         return name
 
 
+# A file that failed verification in a fresh checkout is renamed to NAME + this suffix.
+DAMAGED_SUFFIX = b".cas-damaged"
+
+
+def free_name(name: bytes, dir_fd: int) -> bytes:
+    """Return ``name``, or ``name`` with ``.1``, ``.2`` ... appended, whichever is unused."""
+    candidate = name
+    number = 0
+    while lstat_entry(candidate, dir_fd) is not None:
+        number += 1
+        candidate = name + b".%d" % number
+    return candidate
+
+
 _DIGEST_BLOCK = 8 << 20
 _digest_buffers = threading.local()
 # Below this size a file is hashed on one thread. Each multithreaded BLAKE3 hasher pays

@@ -179,6 +179,39 @@ def test_truncated_pack_check(stored, run_cas):
     assert len(report["findings"]) == len(stored.chunks["b.bin"])
 
 
+def test_damaged_file_set_aside(stored, run_cas, tmp_path):
+    """A file that failed is never left under its real name, where a loader would read zeros."""
+    location = stored.chunks["a.bin"][1]
+    flip_byte(stored.data_pack, location.offset + location.stored_size // 2)
+    dest = tmp_path / "dest"
+
+    result = run_cas("checkout", "latest", dest, "--json", expect=3)
+
+    assert not (dest / "a.bin").exists()
+    damaged = (dest / "a.bin.cas-damaged").read_bytes()
+    assert len(damaged) == len(stored.contents["a.bin"])
+    intact_size = stored.chunks["a.bin"][0].raw_size
+    assert damaged[:intact_size] == stored.contents["a.bin"][:intact_size]
+    (failed,) = json.loads(result.stdout)["failed"]
+    assert failed["path"] == str(dest / "a.bin")
+    assert "a.bin.cas-damaged" in failed["error"]
+    assert (dest / "b.bin").read_bytes() == stored.contents["b.bin"]
+
+
+def test_damaged_file_name_taken(stored, run_cas, tmp_path):
+    location = stored.chunks["a.bin"][0]
+    flip_byte(stored.data_pack, location.offset + location.stored_size // 2)
+    dest = tmp_path / "dest"
+    run_cas("checkout", "latest", dest, expect=3)
+
+    run_cas("checkout", "latest", dest, "--overwrite", expect=3)
+
+    assert not (dest / "a.bin").exists()
+    assert (dest / "a.bin.cas-damaged").is_file()
+    assert (dest / "a.bin.cas-damaged.1").is_file()
+    assert (dest / "b.bin").read_bytes() == stored.contents["b.bin"]
+
+
 def test_truncated_pack_checkout(stored, run_cas, tmp_path):
     first_b = stored.chunks["b.bin"][0]
     with open(stored.data_pack, "r+b") as file:

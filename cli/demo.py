@@ -330,7 +330,7 @@ def print_table(rows: list[tuple[str, SnapshotResult, float]]) -> None:
     mebibyte = 1 << 20
     header = (
         f"{'snapshot':<10} {'id':<10} {'files':>5} {'read MiB':>9} {'added MiB':>10} "
-        f"{'dedup':>8} {'snapshot s':>10} {'checkout s':>10}"
+        f"{'read/added':>10} {'snapshot s':>10} {'checkout s':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -338,10 +338,14 @@ def print_table(rows: list[tuple[str, SnapshotResult, float]]) -> None:
         print(
             f"{label:<10} {result.snapshot_hex[:8]:<10} {result.file_count:>5} "
             f"{result.read_size / mebibyte:>9.2f} {result.added_size / mebibyte:>10.2f} "
-            f"{format_ratio(result.read_size, result.added_size):>8} "
+            f"{format_ratio(result.read_size, result.added_size):>10} "
             f"{result.seconds:>10.2f} {checkout_seconds:>10.2f}"
         )
-    print("dedup = bytes read / bytes added. Times are wall-clock seconds per command.")
+    print(
+        "read/added = bytes read / bytes added, the saving of deduplication against the"
+        " repository (cas stats reports dedup within one snapshot). Times are wall-clock"
+        " seconds per command."
+    )
 
 
 def prepare_first_version(model: Path, folder: Path) -> None:

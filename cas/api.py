@@ -11,8 +11,8 @@
 `Repository` extends `cas.repository.Repository`, so an instance also works with
 the lower-level classes (`cas.archiver.Archiver`, `cas.restorer.Restorer`,
 `cas.checker`). Every method raises the classes of `cas.errors` and returns a
-frozen dataclass: `SnapshotResult`, `Snapshot`, `CheckoutResult` or `SnapshotDiff`. docs/python-api.md
-describes it with examples.
+frozen dataclass: `SnapshotResult`, `Snapshot`, `CheckoutResult` or `SnapshotDiff`.
+docs/python-api.md describes it with examples.
 """
 
 from __future__ import annotations

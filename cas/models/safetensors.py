@@ -67,8 +67,10 @@ def parse_safetensors(read_at: ReadAt, file_size: int) -> ModelLayout:
     raw = read_exact(read_at, 8, header_size, "safetensors header")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"safetensors header is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers invalid UTF-8, invalid JSON and an integer of more digits than
+        # sys.get_int_max_str_digits(). RecursionError covers arrays nested too deeply.
+        raise ModelFormatError(f"safetensors header is not valid JSON: {exc!r:.200}") from exc
     if not isinstance(header, dict):
         raise ModelFormatError("safetensors header is not a JSON object")
     header.pop("__metadata__", None)

@@ -135,7 +135,12 @@ def _translate_set(body: str, i: int, parts: list[str]) -> int:
         low, j = _set_char(body, j)
         if j + 1 < len(body) and body[j] == "-" and body[j + 1] != "]":
             high, j = _set_char(body, j + 1)
-            members.append(f"{re.escape(low)}-{re.escape(high)}")
+            # git's wildmatch matches a reversed range such as "z-a" by its first
+            # character only, and a reversed range is an error to the re module.
+            if low > high:
+                members.append(re.escape(low))
+            else:
+                members.append(f"{re.escape(low)}-{re.escape(high)}")
         else:
             members.append(re.escape(low))
     if j >= len(body):

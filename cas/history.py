@@ -7,6 +7,10 @@ steps both objects exist, but `Repository.list_snapshots` hides every snapshot
 that a readable snapshot replaces, so readers see exactly one of them at every
 moment: the old one before the new object is published, the new one after.
 
+Two `change_tags` runs never overlap: the shared lock of one conflicts with the
+other's (``unique_operation``), because both would replace the same snapshot and
+leave two copies, each with only its own tags.
+
 Deleting the old object needs the exclusive lock, as every deletion of a
 snapshot object does. `change_tags` writes under a shared lock and then tries
 once to upgrade it. When another operation holds a lock, the old object stays
@@ -158,8 +162,10 @@ def change_tags(
     if not names:
         raise UsageError("no snapshot given: name one or more snapshots (id, prefix or latest)")
     result = TagResult()
+    # unique_operation: two tag runs that read the same snapshot would each write a
+    # replacement of it, so both stay visible and each lacks the other's tags.
     with RepositoryLock(
-        repo.backend, repo.keys, exclusive=False, operation="tag", wait=wait
+        repo.backend, repo.keys, exclusive=False, operation="tag", wait=wait, unique_operation=True
     ) as lock:
         snapshots = repo.list_snapshots()
         chosen: dict[str, Snapshot] = {}

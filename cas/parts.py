@@ -22,7 +22,7 @@ from cas.errors import IntegrityError, NotFoundError, UsageError
 from cas.keys import local_user
 from cas.locks import RepositoryLock
 from cas.repository import Repository
-from cas.snapshot import Snapshot, validate_host, validate_labels
+from cas.snapshot import Snapshot, check_utf8, validate_host, validate_labels
 from cas.tree import Node, encode_tree, validate_name
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class JoinOptions:
 
 def check_part_name(name: str) -> None:
     """Raise `UsageError` unless ``name`` can name a folder of the joined snapshot."""
+    check_utf8(name, "part name")
     try:
         validate_name(os.fsencode(name))
     except IntegrityError:

@@ -104,8 +104,23 @@ class Snapshot:
         return body
 
 
+def check_utf8(value: str, subject: str) -> None:
+    """Raise `UsageError` when ``value`` cannot be stored as UTF-8.
+
+    Arguments that are not valid UTF-8 reach Python as lone surrogates (PEP 383), which
+    msgpack cannot encode, so the snapshot object could not be written.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"invalid {subject} {value!r}: it is not valid UTF-8; give it as UTF-8 text"
+        ) from None
+
+
 def validate_tag(tag: str) -> None:
     """Raise `UsageError` unless ``tag`` is a valid tag."""
+    check_utf8(tag, "tag")
     if not tag or len(tag) > MAX_TAG_LENGTH or not _TAG_RE.match(tag):
         raise UsageError(
             f"invalid tag {tag!r}: use 1 to {MAX_TAG_LENGTH} characters without white "
@@ -123,6 +138,7 @@ def validate_labels(tags: list[str] | tuple[str, ...], message: str, meta: dict[
         raise UsageError(f"invalid tags: {len(tags)} given, at most {MAX_TAG_COUNT} allowed")
     for tag in tags:
         validate_tag(tag)
+    check_utf8(message, "--message")
     if len(message) > MAX_MESSAGE_LENGTH:
         raise UsageError(
             f"invalid --message: {len(message)} characters, at most {MAX_MESSAGE_LENGTH}"
@@ -130,6 +146,8 @@ def validate_labels(tags: list[str] | tuple[str, ...], message: str, meta: dict[
     if len(meta) > MAX_META_COUNT:
         raise UsageError(f"invalid --meta: {len(meta)} keys, at most {MAX_META_COUNT}")
     for key, value in meta.items():
+        check_utf8(key, "--meta key")
+        check_utf8(value, f"--meta {key!r} value")
         validate_meta_key(key)
         if key.startswith(RESERVED_META_PREFIX):
             raise UsageError(
@@ -148,6 +166,7 @@ MAX_HOST_LENGTH = 255
 
 def validate_host(host: str) -> None:
     """Raise `UsageError` unless ``host`` can be recorded as a snapshot's host name."""
+    check_utf8(host, "--host")
     if len(host) > MAX_HOST_LENGTH or not _TAG_RE.match(host):
         raise UsageError(
             f"invalid --host {host!r}: use 1 to {MAX_HOST_LENGTH} characters without white "

@@ -32,7 +32,7 @@ from cas.blobstore import BlobWriter
 from cas.errors import UsageError
 from cas.parts import part_name
 from cas.repository import Repository
-from cas.snapshot import Snapshot
+from cas.snapshot import Snapshot, check_utf8
 from cas.tree import Node
 from cas.writeonly import visible_snapshots
 
@@ -60,6 +60,7 @@ def check_stream_name(name: str) -> tuple[str, ...]:
     The name is one component or a relative path of components separated by
     ``/``: not absolute, and no component empty, ``.`` or ``..``, and no NUL.
     """
+    check_utf8(name, "--stdin-name")
     parts = tuple(name.split("/"))
     bad = not name or name.startswith("/") or "\0" in name
     if bad or any(part in ("", ".", "..") for part in parts):

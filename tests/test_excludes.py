@@ -35,6 +35,10 @@ RULES = [
     ("[^a-c].bin", "a.bin", False, False),
     ("x[/]y", "x/y", False, False),
     ("[]].bin", "].bin", False, True),
+    ("[z-a].bin", "z.bin", False, True),
+    ("[z-a].bin", "m.bin", False, False),
+    ("[z-a].bin", "a.bin", False, False),
+    ("[!z-a].bin", "a.bin", False, True),
     ("[x", "[x", False, True),
     # "**" at the start, in the middle, at the end; elsewhere it is a "*".
     ("**/logs", "logs", True, True),
@@ -213,6 +217,21 @@ def test_cli_exclude_and_file(cli_repo, run_cas, tmp_path):
     assert "model.safetensors" in names
 
 
+def test_cli_reversed_range_in_file(cli_repo, run_cas, tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "z.bin").write_bytes(b"z")
+    (root / "a.bin").write_bytes(b"a")
+    exclude_file = tmp_path / "excludes"
+    exclude_file.write_text("[z-a].bin\n")
+    out = run_cas("snapshot", root, "--exclude-file", exclude_file, "--json").stdout
+    assert json.loads(out)["excluded"] == 1
+    listed = json.loads(run_cas("ls", "latest", "--json").stdout)
+    names = {entry["path"].lstrip("/") for entry in listed}
+    assert "a.bin" in names
+    assert "z.bin" not in names
+
+
 def test_cli_records_patterns(cli_repo, run_cas, tmp_path):
     root = tmp_path / "ckpt"
     make_checkpoint(root)
@@ -277,6 +296,8 @@ PATTERN_SETS = [
     ["runs/**", "!runs/2/", "!runs/2/**"],
     ["shard-[0-5].bin", "[!s]*.bin"],
     ["shard-?.bin", "!shard-7.bin"],
+    ["shard-[7-1].bin"],
+    ["shard-[!7-1].bin", "optimizer/"],
     ["\\#notes", "\\!keep", "name\\ "],
     ["\\[x]", "*.safetensors", "!sub/*.safetensors"],
     ["*", "!*/", "!*.bin"],

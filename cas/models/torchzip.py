@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import pickletools
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,11 +177,15 @@ def parse_torch_zip(read_at: ReadAt, file_size: int) -> ModelLayout:
     _check_byteorder(read_at, members.get(prefix + "byteorder"))
 
     data = read_exact(read_at, pickle_member.data_offset, pickle_member.size, "torch data.pkl")
-    named = _named_tensors(_unpickle(data))
-    if len(named) > MAX_TENSOR_COUNT:
+    root = _unpickle(data)
+    try:
+        named = _named_tensors(root)
+    except (ValueError, RecursionError) as exc:
+        # str() of a dict key: an int of more digits than sys.get_int_max_str_digits(),
+        # or a tuple nested too deeply to print.
         raise ModelFormatError(
-            f"torch pickle has {len(named)} tensors, more than {MAX_TENSOR_COUNT}"
-        )
+            f"torch pickle has a key that cannot be named: {exc!r:.200}"
+        ) from exc
     storages: dict[str, tuple[_StorageRef, ZipMember]] = {}
     tensors = [_tensor(name, ref, prefix, members, storages) for name, ref in named]
     regions = [
@@ -200,7 +206,35 @@ def _check_byteorder(read_at: ReadAt, member: ZipMember | None) -> None:
         raise ModelFormatError(f"torch file byte order {order!r} is not supported")
 
 
+_MEMO_PUT_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _check_memo_indexes(data: bytes) -> None:
+    """Reject a pickle whose memo indexes are not numbered in order, as picklers number them.
+
+    The C unpickler grows its memo array to twice the largest index it stores, so a
+    12-byte pickle with ``LONG_BINPUT 2**28`` would allocate 4 GiB. Python's and torch's
+    picklers number the memo from 0 upwards, so a real file has no index above the count
+    of memo writes before it.
+    """
+    writes = 0
+    try:
+        for opcode, argument, position in pickletools.genops(data):
+            if opcode.name == "MEMOIZE":
+                writes += 1
+            elif opcode.name in _MEMO_PUT_OPCODES:
+                if not isinstance(argument, int) or not 0 <= argument <= writes:
+                    raise ModelFormatError(
+                        f"torch data.pkl stores memo index {argument!r} at byte {position} "
+                        f"after {writes} memo writes"
+                    )
+                writes += 1
+    except (ValueError, RecursionError) as exc:
+        raise ModelFormatError(f"torch data.pkl cannot be read: {exc!r:.200}") from exc
+
+
 def _unpickle(data: bytes) -> object:
+    _check_memo_indexes(data)
     try:
         return _InertUnpickler(io.BytesIO(data)).load()
     except ModelFormatError:
@@ -222,27 +256,35 @@ def _unpickle(data: bytes) -> object:
 
 
 def _named_tensors(root: object) -> list[tuple[str, _TensorRef]]:
-    """Walk dicts, lists and tuples from the root; return each tensor with its dotted path."""
+    """Walk dicts, lists and tuples from the root; return each tensor with its dotted path.
+
+    The walk keeps one iterator per open container, not a list of every child, so a list
+    of millions of items costs no more memory than the pickle already took.
+    """
     found: list[tuple[str, _TensorRef]] = []
     seen: set[int] = set()
-    stack: list[tuple[str, object, int]] = [("", root, 0)]
+    stack: list[tuple[str, Iterator[tuple[object, object]]]] = [("", iter([("", root)]))]
     while stack:
-        path, value, depth = stack.pop()
+        path, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        key, value = child
+        child_path = f"{path}.{key}" if path else str(key)
         if isinstance(value, _TensorRef):
-            found.append((path, value))
-            continue
-        if depth >= _MAX_WALK_DEPTH or id(value) in seen:
-            continue
-        if isinstance(value, dict):
-            seen.add(id(value))
-            items = [(str(key), item) for key, item in value.items()]
-        elif isinstance(value, list | tuple):
-            seen.add(id(value))
-            items = [(str(index), item) for index, item in enumerate(value)]
-        else:
-            continue
-        for key, item in reversed(items):
-            stack.append((f"{path}.{key}" if path else key, item, depth + 1))
+            # A list may repeat one memoized tensor millions of times: stop before the
+            # names of all of them take gigabytes.
+            if len(found) >= MAX_TENSOR_COUNT:
+                raise ModelFormatError(f"torch pickle has more than {MAX_TENSOR_COUNT} tensors")
+            found.append((child_path, value))
+        elif len(stack) <= _MAX_WALK_DEPTH and id(value) not in seen:
+            if isinstance(value, dict):
+                seen.add(id(value))
+                stack.append((child_path, iter(value.items())))
+            elif isinstance(value, list | tuple):
+                seen.add(id(value))
+                stack.append((child_path, enumerate(value)))
     return found
 
 

@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import getpass
-import grp
 import json
 import logging
 import os
-import pwd
-import queue
 import socket
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -41,10 +36,12 @@ import blake3
 
 from cas import __version__
 from cas.blobstore import BlobWriter
+from cas.blockreader import BlockReader
 from cas.chunker import Chunker
 from cas.codecs import Compression
 from cas.errors import CasError, NotFoundError, UsageError, WriteOnlyKeyError
 from cas.excludes import EXCLUDE_META
+from cas.filenodes import meta_node, regular_file_size, special_kind, unchanged
 from cas.locks import RepositoryLock
 from cas.models.chunkplan import tensor_cutter
 from cas.parts import PART_META, PART_TAG_PREFIX, check_part_name, latest_part, part_name
@@ -152,103 +149,6 @@ def effective_threads(threads: int) -> int:
     return threads or os.cpu_count() or 1
 
 
-# cut(data, file offset of data, final) -> (chunk lengths, element size of each chunk)
-_CutFunction = Callable[[memoryview, int, bool], tuple[list[int], list[int]]]
-_Block = tuple[bytearray, list[int], list[int]]
-
-
-class _BlockReader:
-    """Reads a file in blocks and cuts chunks, optionally on a background thread."""
-
-    def __init__(self, chunker: Chunker, block_size: int, block_count: int, threaded: bool) -> None:
-        self.chunker = chunker
-        self.block_size = block_size
-        carry = chunker.params.max_size
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(block_count):
-            self._free.put(bytearray(block_size + carry))
-        self.threaded = threaded
-
-    def release(self, buffer: bytearray) -> None:
-        """Return a block buffer to the pool once its chunks are processed."""
-        self._free.put(buffer)
-
-    def _plain_cut(self, data: memoryview, base: int, final: bool) -> tuple[list[int], list[int]]:
-        lengths = self.chunker.cut(data, final=final)
-        return lengths, [0] * len(lengths)
-
-    def blocks(self, fd: int, cut: _CutFunction | None = None) -> Iterator[_Block]:
-        """Yield (buffer, chunk lengths, element sizes) for a file descriptor, in file order.
-
-        The caller must `release` every yielded buffer. Chunk lengths cover
-        the start of the buffer; bytes after them are carried to the next block.
-        ``cut`` replaces the plain chunker, for tensor-aligned cutting.
-        """
-        cut = cut or self._plain_cut
-        if not self.threaded:
-            yield from self._produce(fd, cut)
-            return
-        # Unbounded: the pool of free buffers already bounds what is in flight.
-        results: queue.Queue[_Block | BaseException | None] = queue.Queue()
-        stop = threading.Event()
-
-        def run() -> None:
-            try:
-                for item in self._produce(fd, cut):
-                    if stop.is_set():
-                        self.release(item[0])
-                        break
-                    results.put(item)
-                results.put(None)
-            except BaseException as exc:  # handed to the consumer below
-                results.put(exc)
-
-        thread = threading.Thread(target=run, name="cas-read", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = results.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    leftover = results.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if isinstance(leftover, tuple):
-                    self.release(leftover[0])
-            thread.join()
-
-    def _produce(self, fd: int, cut: _CutFunction) -> Iterator[_Block]:
-        carry = b""
-        offset = 0
-        while True:
-            buffer = self._free.get()
-            view = memoryview(buffer)
-            view[: len(carry)] = carry
-            filled = len(carry)
-            end = len(carry) + self.block_size
-            while filled < end:
-                count = os.readv(fd, [view[filled:end]])
-                if count == 0:
-                    break
-                filled += count
-            at_eof = filled < end
-            lengths, element_sizes = cut(view[:filled], offset, at_eof)
-            used = sum(lengths)
-            offset += used
-            carry = bytes(view[used:filled])
-            view.release()
-            yield buffer, lengths, element_sizes
-            if at_eof:
-                return
-
-
 class Archiver:
     """Takes one snapshot of a set of paths into a repository."""
 
@@ -267,7 +167,7 @@ class Archiver:
         block_size = BLOCK_SIZE if options.memory_limit >= 128 << 20 else 4 << 20
         pack_memory = 2 * repo.config.pack_size
         block_count = max(2, min(4, (options.memory_limit - pack_memory) // block_size))
-        self.reader = _BlockReader(self.chunker, block_size, block_count, self.threads > 1)
+        self.reader = BlockReader(self.chunker, block_size, block_count, self.threads > 1)
         self.warnings: list[str] = []
         self.files = 0
         self.dirs = 0
@@ -304,7 +204,7 @@ class Archiver:
         host = self.options.host or socket.gethostname()
         parent = self._find_parent(sources, host)
         if self.progress_callback:
-            self.progress.bytes_expected = sum(map(_regular_file_size, sources))
+            self.progress.bytes_expected = sum(map(regular_file_size, sources))
         with RepositoryLock(
             self.repo.backend, self.repo.keys, exclusive=False, operation="snapshot"
         ) as lock:
@@ -493,12 +393,12 @@ class Archiver:
         if stat.S_ISREG(mode):
             return self._store_file(path, name, st, parent, writer)
         if stat.S_ISLNK(mode):
-            return _meta_node(name, "symlink", st, target=os.readlink(os.fsencode(path)))
-        kind = _special_kind(mode)
+            return meta_node(name, "symlink", st, target=os.readlink(os.fsencode(path)))
+        kind = special_kind(mode)
         if kind is None:
             self._warn(f"{path} has an unknown file type; skipped")
             return None
-        return _meta_node(name, kind, st, rdev=st.st_rdev if kind.endswith("dev") else 0)
+        return meta_node(name, kind, st, rdev=st.st_rdev if kind.endswith("dev") else 0)
 
     def _read_xattrs(self, path: str, follow: bool = False) -> dict[bytes, bytes]:
         """Return a path's extended attributes; none where the file system has no support."""
@@ -540,7 +440,7 @@ class Archiver:
                     nodes.append(node)
         self.dirs += 1
         subtree = self._store_tree(nodes, writer)
-        return _meta_node(name, "dir", st, subtree=subtree)
+        return meta_node(name, "dir", st, subtree=subtree)
 
     # Files
 
@@ -550,19 +450,19 @@ class Archiver:
         self.files += 1
         self.progress.files += 1
         self.progress.bytes_total += st.st_size
-        if parent is not None and _unchanged(parent, st) and all(map(writer.has, parent.chunk_ids)):
+        if parent is not None and unchanged(parent, st) and all(map(writer.has, parent.chunk_ids)):
             self.unchanged_files += 1
             self.progress.bytes_skipped += st.st_size
-            return _meta_node(
+            return meta_node(
                 name, "file", st, chunks=parent.chunks, sizes=parent.sizes, digest=parent.digest
             )
         # A second path of a hard-linked file, or of a file that symlinks point to
         # under --dereference, reuses the first path's chunks.
         shared = st.st_nlink > 1 or self.options.dereference
         linked = self._hardlinks.get((st.st_dev, st.st_ino)) if shared else None
-        if linked is not None and _unchanged(linked, st):
+        if linked is not None and unchanged(linked, st):
             self.progress.bytes_skipped += st.st_size
-            return _meta_node(
+            return meta_node(
                 name, "file", st, chunks=linked.chunks, sizes=linked.sizes, digest=linked.digest
             )
         node = self._read_with_retries(path, name, writer)
@@ -596,7 +496,7 @@ class Archiver:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        node = _meta_node(
+        node = meta_node(
             name, "file", after, chunks=b"".join(chunks), sizes=tuple(sizes), digest=digest
         )
         node = Node(**{**node.__dict__, "size": size})
@@ -637,85 +537,6 @@ class Archiver:
             finally:
                 self.reader.release(buffer)
         return chunks, sizes, file_hash.digest(), size
-
-
-def _regular_file_size(path: str) -> int:
-    """Return the summed size of the regular files at or below ``path``, without symlinks."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return 0
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size
-    total = 0
-    if stat.S_ISDIR(st.st_mode):
-        for folder, _dirs, files in os.walk(path):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    entry = os.lstat(os.path.join(folder, name))
-                    total += entry.st_size if stat.S_ISREG(entry.st_mode) else 0
-    return total
-
-
-def _unchanged(parent: Node, st: os.stat_result) -> bool:
-    return (
-        parent.type == "file"
-        and parent.size == st.st_size
-        and parent.mtime_ns == st.st_mtime_ns
-        and parent.ctime_ns == st.st_ctime_ns
-        and parent.inode == st.st_ino
-        and parent.device == st.st_dev
-    )
-
-
-def _special_kind(mode: int) -> str | None:
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "chardev"
-    if stat.S_ISBLK(mode):
-        return "blockdev"
-    return None
-
-
-def _meta_node(name: bytes, kind: str, st: os.stat_result, **extra: object) -> Node:
-    values: dict[str, object] = {
-        "name": name,
-        "type": kind,
-        "mode": stat.S_IMODE(st.st_mode),
-        "uid": st.st_uid,
-        "gid": st.st_gid,
-        "user": _user_of(st.st_uid),
-        "group": _group_of(st.st_gid),
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "inode": st.st_ino,
-        "device": st.st_dev,
-        "nlink": st.st_nlink,
-        "size": st.st_size if kind == "file" else 0,
-    }
-    values.update(extra)
-    return Node(**values)  # type: ignore[arg-type]
-
-
-@functools.cache
-def _user_of(uid: int) -> str:
-    """Return the name of a user id, or "" when the system has none (a tar reader falls back)."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return ""
-
-
-@functools.cache
-def _group_of(gid: int) -> str:
-    """Return the name of a group id, or "" when the system has none."""
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return ""
 
 
 def _user_name() -> str:

@@ -11,6 +11,7 @@ from conftest import CLI_TIMEOUT_SECONDS, CasEnv, RunCas
 
 ROUNDS = 6
 TAGGERS = 3
+CAS = [sys.executable, "-m", "cas_cli.main"]
 
 
 def test_concurrent_tags_all_kept(cli_repo: CasEnv, run_cas: RunCas, tmp_path: Path) -> None:
@@ -25,8 +26,7 @@ def test_concurrent_tags_all_kept(cli_repo: CasEnv, run_cas: RunCas, tmp_path: P
         added += tags
         processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "cas_cli.main", "tag", "latest", "--add", tag]
-                + ["--wait", "60s"],
+                [*CAS, "tag", "latest", "--add", tag, "--wait", "60s"],
                 env=cli_repo.env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

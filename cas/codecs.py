@@ -56,7 +56,7 @@ BYTE_GROUP_OFF = "off"
 
 @dataclass(frozen=True)
 class Compression:
-    """How a writer encodes blobs: codec, zstd level and the byte-grouping rule.
+    """The encoding of new blobs: codec, zstd level and byte-grouping rule.
 
     ``byte_group`` is ``"auto"`` (group chunks whose element size the chunker
     reports), ``"off"``, or ``"always:K"`` (group every chunk with element size K

@@ -257,7 +257,7 @@ class PathFinder:
     same in many snapshots is walked once. For name patterns the folder path does
     not matter and the key is the tree id alone.
 
-    NOTE: the memo holds the matches of every distinct tree walked, so memory
+    NOTE: the memo contains the matches of every distinct tree walked, so memory
     grows with the number of matches times the number of distinct trees, not
     with the number of entries.
     """

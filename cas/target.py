@@ -162,11 +162,11 @@ def free_name(name: bytes, dir_fd: int) -> bytes:
 
 _DIGEST_BLOCK = 8 << 20
 _digest_buffers = threading.local()
-# Below this size a file is hashed on one thread. Each multithreaded BLAKE3 hasher pays
-# for waking its worker threads: on a 2-core VM (blake3 1.0), one thread hashed 2 KiB in
-# 2.5 us and two threads in 110 us, and two threads were slower up to 1 MiB and faster
-# from 4 MiB on. Checkouts of many small files (configs, tokenizers) spent most of their
-# CPU time there.
+# Below this size a file is hashed on one thread, because each multithreaded BLAKE3
+# hasher pays for waking its worker threads. On a 2-core VM (blake3 1.0), one thread
+# hashed 2 KiB in 2.5 us and two threads took 110 us. Two threads were slower up to 1 MiB
+# and faster from 4 MiB on. Checkouts of many small files (configs, tokenizers) had spent
+# most of their CPU time there.
 PARALLEL_DIGEST_MIN_SIZE = 4 << 20
 
 

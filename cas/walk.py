@@ -1,4 +1,4 @@
-"""What the snapshot walk leaves out and which symlinks it follows.
+"""The rules of the snapshot walk: which paths it leaves out and which symlinks it follows.
 
 `WalkRules` keeps the state that the archiver's recursive walk needs for
 ``--exclude`` and ``--dereference``: the folders from the root down to the

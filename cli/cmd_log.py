@@ -142,7 +142,7 @@ def graph_lines(snapshots: list[Snapshot], parents: dict[str, str | None]) -> It
         else:
             column = len(lanes)
             lanes.append(None)
-        cells = ["*" if i == column else "|" if lane else " " for i, lane in enumerate(lanes)]
+        cells = [_cell(i == column, lane) for i, lane in enumerate(lanes)]
         yield " ".join(cells).rstrip() + "  " + describe(snapshot)
         parent = parents.get(snapshot.snapshot_hex)
         lanes[column] = parent if parent in shown else None
@@ -150,6 +150,15 @@ def graph_lines(snapshots: list[Snapshot], parents: dict[str, str | None]) -> It
             yield _continuation(lanes).ljust(2 * len(lanes) + 1) + "    " + snapshot.message
         while lanes and lanes[-1] is None:
             lanes.pop()
+
+
+def _cell(is_node: bool, lane: str | None) -> str:
+    """Return one lane's character on a node line: the node, an open lane, or a gap."""
+    if is_node:
+        return "*"
+    if lane:
+        return "|"
+    return " "
 
 
 def _join_line(lanes: list[str | None], joining: set[int]) -> str:

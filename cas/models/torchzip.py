@@ -169,7 +169,7 @@ def parse_torch_zip(read_at: ReadAt, file_size: int) -> ModelLayout:
     directory = read_zip_directory(read_at, file_size)
     pickle_member = find_pickle_member(directory)
     if pickle_member is None:
-        raise ModelFormatError("zip has no single P/data.pkl member, so it is no torch file")
+        raise ModelFormatError("not a torch file: the zip has no single P/data.pkl member")
     if pickle_member.method != STORED or pickle_member.size > MAX_PICKLE_SIZE:
         raise ModelFormatError(f"torch data.pkl is compressed or over {MAX_PICKLE_SIZE} bytes")
     prefix = pickle_member.name[: -len("data.pkl")]

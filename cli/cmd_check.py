@@ -12,7 +12,7 @@ from cas.locks import RepositoryLock
 from cas.repository import Repository
 
 from .cmd_unlock import add_wait_option
-from .context import info, open_repository, print_json
+from .context import info, open_repository, plural, print_json
 from .progress import progress_line
 
 EXIT_WARNINGS = 1
@@ -90,15 +90,21 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTEGRITY
     read = ""
     if args.read_data or subset is not None:
-        read = f", {report.blobs_read} blobs in {report.packs_read} packs read and verified"
-    summary = f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs{read}"
+        blobs = plural(report.blobs_read, "blob")
+        read = f", {blobs} in {plural(report.packs_read, 'pack')} read and verified"
+    counts = [
+        plural(report.snapshots, "snapshot"),
+        plural(report.trees, "tree"),
+        plural(report.packs, "pack"),
+    ]
+    summary = ", ".join(counts) + read
     if report.replaced_snapshots:
         summary += (
             f"; {report.replaced_snapshots} of the snapshot objects were replaced by a tag "
             f"change and wait for `cas tag` or `cas prune` to delete them"
         )
     if report.warnings:
-        info(args, f"no errors, {len(report.warnings)} warnings: {summary}")
+        info(args, f"no errors, {plural(len(report.warnings), 'warning')}: {summary}")
         return EXIT_WARNINGS
     info(args, f"no problems found: {summary}")
     return 0

@@ -16,7 +16,7 @@ from cas.restorer import CheckoutOptions, CheckoutProgress, Restorer
 from .checkout_verify import add_verify_options, verify_checkout
 from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
-from .context import human_size, info, memory_limit, open_repository, print_json
+from .context import human_size, info, memory_limit, open_repository, plural, print_json
 from .progress import progress_line
 
 EXIT_WARNINGS = 1
@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
         def show(progress: CheckoutProgress) -> None:
             line.update(
-                f"{progress.files_done} files", progress.bytes_written, progress.bytes_total
+                plural(progress.files_done, "file"),
+                progress.bytes_written,
+                progress.bytes_total,
             )
 
         result = Restorer(repo, snapshot, args.dest, options, show).run()
@@ -126,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_VERIFICATION
     if result.failed:
         print(
-            f"checkout incomplete: {len(result.failed)} paths could not be restored "
-            f"({result.files} files in the snapshot)",
+            f"checkout incomplete: {plural(len(result.failed), 'path')} could not be restored "
+            f"({plural(result.files, 'file')} in the snapshot)",
             file=sys.stderr,
         )
         # Failures to write into or delete from the target (disk full, too many
@@ -138,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTEGRITY
     info(
         args,
-        f"restored snapshot {snapshot.snapshot_hex[:16]}: {result.files} files, "
+        f"restored snapshot {snapshot.snapshot_hex[:16]}: {plural(result.files, 'file')}, "
         f"{human_size(result.bytes_total)}, verified, in {result.seconds:.1f} s",
     )
     if args.overwrite:
         info(
             args,
-            f"{result.unchanged} files unchanged, {result.rewritten} rewritten, "
+            f"{plural(result.unchanged, 'file')} unchanged, {result.rewritten} rewritten, "
             f"{result.created} created, {result.deleted} deleted; "
             f"{human_size(result.bytes_written)} written",
         )

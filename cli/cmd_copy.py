@@ -13,7 +13,7 @@ from cas.copy import Copier
 from cas.errors import UsageError
 from cas.repository import Repository
 
-from .context import cache_dir, human_size, info, open_repository, print_json
+from .context import cache_dir, human_size, info, open_repository, plural, print_json
 
 
 def register(
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         )
     info(
         args,
-        f"copied {len(result.copied)} snapshots ({len(result.skipped)} already in the target): "
-        f"{result.blobs_copied} blobs, {human_size(result.bytes_added)} added",
+        f"copied {plural(len(result.copied), 'snapshot')} "
+        f"({len(result.skipped)} already in the target): "
+        f"{plural(result.blobs_copied, 'blob')}, {human_size(result.bytes_added)} added",
     )
     return 0

@@ -15,7 +15,7 @@ from cas.snapshot import Snapshot
 
 from .cmd_ls import printable
 from .cmd_unlock import add_wait_option
-from .context import human_size, open_repository, print_json
+from .context import human_size, open_repository, plural, print_json
 
 
 def register(
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
     elif not args.quiet:
         print(
-            f"dumped {shown} as {result.format}: {result.files} files, "
+            f"dumped {shown} as {result.format}: {plural(result.files, 'file')}, "
             f"{human_size(result.bytes_written)} written",
             file=sys.stderr,
         )

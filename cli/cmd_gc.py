@@ -7,7 +7,7 @@ import argparse
 from cas.gc import DEFAULT_MAX_UNUSED, GarbageCollector, GcOptions, GcResult
 
 from .cmd_unlock import add_wait_option
-from .context import human_size, info, open_repository, print_json
+from .context import human_size, info, open_repository, plural, print_json
 from .progress import progress_line
 
 
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result_json(result))
         return 0
-    deleted = f"{result.packs_deleted} packs ({human_size(result.bytes_deleted)})"
-    repacked = f"{result.packs_repacked} packs ({human_size(result.bytes_repacked)})"
+    deleted = f"{plural(result.packs_deleted, 'pack')} ({human_size(result.bytes_deleted)})"
+    repacked = f"{plural(result.packs_repacked, 'pack')} ({human_size(result.bytes_repacked)})"
     if result.dry_run:
         info(args, f"would delete {deleted} with nothing live and repack {repacked}")
         for pack in result.packs:
@@ -103,9 +103,10 @@ def run(args: argparse.Namespace) -> int:
         info(args, f"deleted {deleted} with nothing live, repacked {repacked}")
         info(
             args,
-            f"wrote {result.packs_written} packs ({human_size(result.bytes_written)}); the "
+            f"wrote {plural(result.packs_written, 'pack')} "
+            f"({human_size(result.bytes_written)}); the "
             f"exclusive lock was held {result.exclusive_seconds:.2f} s of {result.seconds:.1f} s",
         )
     if result.missing_blobs:
-        info(args, f"warning: {result.missing_blobs} blobs that snapshots use are in no index")
+        info(args, f"warning: snapshots use blobs that no index lists: {result.missing_blobs}")
     return 0

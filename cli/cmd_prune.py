@@ -23,7 +23,7 @@ from cas.repository import Repository
 from cas.snapshot import SNAPSHOT_PREFIX, Snapshot
 
 from .cmd_unlock import add_wait_option
-from .context import info, open_repository, print_json
+from .context import info, open_repository, plural, print_json
 
 
 def register(
@@ -209,4 +209,8 @@ def _report(args: argparse.Namespace, groups: list[GroupDecision]) -> None:
             else:
                 info(args, f"  remove {snap.snapshot_hex[:16]} {snap.time}")
     verb = "would remove" if args.dry_run else "removed"
-    info(args, f"{verb} {len(removed)} snapshots, kept {len(kept)}; run `cas gc` to reclaim space")
+    info(
+        args,
+        f"{verb} {plural(len(removed), 'snapshot')}, kept {len(kept)}; "
+        "run `cas gc` to reclaim space",
+    )

@@ -7,7 +7,7 @@ import sys
 
 from cas.repair import rebuild_index, repair_snapshots
 
-from .context import info, open_repository, print_json
+from .context import info, open_repository, plural, print_json
 
 EXIT_WARNINGS = 1
 EXIT_INTEGRITY = 3
@@ -60,8 +60,8 @@ def _run_index(args: argparse.Namespace) -> int:
     verb = "would replace" if args.dry_run else "replaced"
     info(
         args,
-        f"{verb} {len(result.removed)} index objects by one listing {result.packs} packs "
-        f"and {result.blobs} blobs",
+        f"{verb} {len(result.removed)} index objects by one listing {plural(result.packs, 'pack')} "
+        f"and {plural(result.blobs, 'blob')}",
     )
     return EXIT_WARNINGS if result.unreadable else 0
 

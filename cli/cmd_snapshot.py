@@ -16,7 +16,7 @@ from cas.snapshot import Snapshot
 from cas.streaminput import StreamArchiver, check_stream_name
 
 from .cmd_unlock import add_wait_option, retry_while_locked
-from .context import human_size, info, open_repository, print_json
+from .context import human_size, info, open_repository, plural, print_json
 from .progress import progress_line
 from .snapshot_options import (
     add_snapshot_options,
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
         def show(progress: SnapshotProgress) -> None:
             line.update(
-                f"{progress.files} files, {human_size(progress.bytes_read)} read",
+                f"{plural(progress.files, 'file')}, {human_size(progress.bytes_read)} read",
                 progress.bytes_done,
                 progress.bytes_expected,
             )
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         )
     info(
         args,
-        f"snapshot {snapshot.snapshot_hex[:16]} saved: {result.files} files, "
+        f"snapshot {snapshot.snapshot_hex[:16]} saved: {plural(result.files, 'file')}, "
         f"{human_size(result.bytes_total)} total, {human_size(result.bytes_read)} read, "
         f"{human_size(result.bytes_added)} added in {result.seconds:.1f} s",
     )
@@ -208,7 +208,7 @@ def run_join(args: argparse.Namespace) -> int:
         print_json(
             {"id": snapshot.snapshot_hex, "time": snapshot.time, "parts": _parts_json(parts)}
         )
-    info(args, f"snapshot {snapshot.snapshot_hex[:16]} saved: joined {len(parts)} parts")
+    info(args, f"snapshot {snapshot.snapshot_hex[:16]} saved: joined {plural(len(parts), 'part')}")
     for part in parts:
         info(
             args, f"    {part_name(part)}: {part.snapshot_hex[:16]} from {part.host} at {part.time}"

@@ -16,7 +16,7 @@ from cas.codecs import LEGACY_COMPRESSION
 from cas.errors import CasError
 from cas.watch import Watcher, WatchEvent, WatchOptions
 
-from .context import human_size, open_repository
+from .context import human_size, open_repository, plural
 from .snapshot_options import add_snapshot_options, snapshot_compression, snapshot_options
 
 
@@ -109,7 +109,7 @@ def _report(args: argparse.Namespace, event: WatchEvent) -> None:
     elif event.kind == "start":
         message = f"watching {event.path}"
     else:
-        message = f"stopped watching {event.path} after {event.snapshot_count} snapshots"
+        message = f"stopped watching {event.path} after {plural(event.snapshot_count, 'snapshot')}"
     print(f"{event.time} {message}", file=sys.stderr, flush=True)
 
 

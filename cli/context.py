@@ -163,6 +163,11 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def plural(count: int, noun: str) -> str:
+    """Return ``count`` and ``noun``, with an "s" unless the count is 1: "1 file", "2 files"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def human_size(size: float) -> str:
     """Return a size in B, KiB, MiB, GiB or TiB with one decimal."""
     for unit in ("B", "KiB", "MiB", "GiB"):

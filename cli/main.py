@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 from cas import __version__
@@ -77,6 +78,9 @@ _COMMANDS = [
 ]
 
 
+_PARSER_ATTRIBUTE = "_innermost_parser"
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser that also reports a usage error as the JSON document under --json."""
 
@@ -87,6 +91,19 @@ class _Parser(argparse.ArgumentParser):
         if _Parser.json_requested:
             print_json({"error": f"{self.prog}: {message}", "exit_code": EXIT_ERROR})
         super().error(message)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, and record on the result the innermost parser that ran.
+
+        A subcommand's parser runs inside its parent's and finishes first, so the first
+        parser to record itself is the one of the command given, as in ``cas key add``.
+        """
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, _PARSER_ATTRIBUTE):
+            setattr(parsed, _PARSER_ATTRIBUTE, self)
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +131,10 @@ def exit_code_of(error: CasError) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     _Parser.json_requested = "--json" in (sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # Reported by the command's own parser, so the usage shown is that command's.
+        getattr(args, _PARSER_ATTRIBUTE).error(f"unrecognized arguments: {' '.join(unknown)}")
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s: %(message)s")
     # SIGTERM (systemd, kill, a job scheduler) unwinds like Ctrl-C, so locks

@@ -99,3 +99,19 @@ def test_failed_file_not_dressed(cli_repo, run_cas, tmp_path, threads):
     restored = (tmp_path / "out" / "model.bin.cas-damaged").stat()
     assert restored.st_mtime_ns != 1_600_000_000 * 10**9
     assert restored.st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["snapshot", "src", "--bogus"], "usage: cas snapshot"),
+        (["key", "add", "--label", "x"], "usage: cas key add"),
+        (["log", "extra"], "usage: cas log"),
+    ],
+    ids=["snapshot", "key-add", "log"],
+)
+def test_unknown_option_shows_command_usage(cas_env, run_cas, args, usage):
+    result = run_cas(*args, expect=2)
+
+    assert result.stderr.startswith(usage)
+    assert "unrecognized arguments" in result.stderr

@@ -93,8 +93,8 @@ class SnapshotProgress:
     # Bytes of files reused from the parent without reading them.
     bytes_skipped: int = 0
     # Sizes of the regular files below the paths, summed before the run starts when a
-    # progress callback is set (0 otherwise); the total for an ETA, not exact when
-    # files change meanwhile.
+    # progress callback is set, else 0. It is the total for an ETA, and is not exact
+    # when files change meanwhile.
     bytes_expected: int = 0
 
     @property

@@ -54,8 +54,8 @@ class FileChange:
     """One path added, removed or changed between the two snapshots.
 
     For "added" the ``old_*`` fields are empty, for "removed" the new ones. ``format`` is
-    the model format recognised on both sides of a changed file, and ``tensors`` its
-    tensor changes; ``tensor_error`` gives the reason when tensors could not be compared.
+    the model format recognised on both sides of a changed file. ``tensors`` lists its
+    tensor changes, and ``tensor_error`` gives the reason when tensors could not be compared.
     """
 
     path: str

@@ -1,8 +1,8 @@
 """Exclude patterns in the syntax of gitignore, matched against paths inside a snapshot.
 
 A path is matched relative to the snapshot's root, with ``/`` between components and no
-leading ``/``: with one source folder that folder's contents are the root, with several
-sources each one is an entry of the root under its base name.
+leading ``/``. With one source folder, that folder's contents are the root. With several
+sources, each one is an entry of the root under its base name.
 
 Rules, as git documents them for ``.gitignore`` (git 2.43, ``gitignore(5)``):
 

@@ -28,7 +28,7 @@ Export format (`export_keys`), a text block safe to print or store offline:
     -----END CAS MASTER KEYS-----
 
 The payload is the MessagePack map ``{"v": 1, "repo_id": bin 32, "keys": map}``
-whose ``keys`` holds the master keys as in a key object's sealed map.
+whose ``keys`` contains the master keys as in a key object's sealed map.
 """
 
 from __future__ import annotations

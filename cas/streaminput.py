@@ -8,7 +8,7 @@ folders, such as ``ckpt/model.pt``, gets those folders (mode 0o755).
 
 The snapshot's ``paths`` is empty and its meta key ``cas.stdin`` contains
 the name. Its parent is the newest snapshot of a stream of the same name from the
-same host; nothing is reused from it, since a stream is always read whole.
+same host. Nothing is reused from it, because a stream is always read whole.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from .context import memory_limit
 
 
 def add_snapshot_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options that say what a snapshot stores and with which metadata."""
+    """Add the options that set what a snapshot stores and with which metadata."""
     parser.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
     parser.add_argument("--message", "-m", default="", help="a message stored with the snapshot")
     parser.add_argument(

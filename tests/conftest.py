@@ -8,11 +8,13 @@ cache or waits at a password prompt.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,21 @@ CLI_TIMEOUT_SECONDS = 120
 def fast_kdf() -> KdfParams:
     """Return minimal Argon2id parameters (1 pass, 64 KiB), fast and unsafe, for tests only."""
     return KdfParams(salt=os.urandom(16), iterations=1, lanes=1, memory_kib=64)
+
+
+def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Return each entry's type and content or target, mode and mtime, by relative path."""
+    state: dict[str, tuple[Any, ...]] = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            state[rel] = ("symlink", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            state[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        else:
+            state[rel] = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    return state
 
 
 @dataclass

@@ -13,14 +13,13 @@ import os
 import pty
 import random
 import shutil
-import stat
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TIMEOUT_SECONDS, CasEnv
+from conftest import CLI_TIMEOUT_SECONDS, CasEnv, tree_state
 
 from cas.dump import iter_content
 from cas.errors import IntegrityError
@@ -57,21 +56,6 @@ def run_dump(env: CasEnv, *args: str | os.PathLike[str], **kwargs) -> subprocess
         check=False,
         **kwargs,
     )
-
-
-def tree_state(root: Path) -> dict[str, tuple]:
-    """Return each entry's type and content or target, mode and mtime, by relative path."""
-    state: dict[str, tuple] = {}
-    for path in root.rglob("*"):
-        st = path.lstat()
-        rel = path.relative_to(root).as_posix()
-        if stat.S_ISLNK(st.st_mode):
-            state[rel] = ("symlink", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            state[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-        else:
-            state[rel] = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-    return state
 
 
 @pytest.fixture

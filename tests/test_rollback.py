@@ -18,6 +18,7 @@ from typing import Any
 
 import blake3
 import pytest
+from conftest import tree_state
 
 from cas.archiver import Archiver, SnapshotOptions
 from cas.errors import UsageError
@@ -62,21 +63,6 @@ def build_source(root: Path) -> None:
         if not path.is_symlink():
             mtime_ns = BASE_MTIME_NS + number * 1_000_000_007
             os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Return each entry's type and content or target, mode and mtime, by relative path."""
-    state: dict[str, tuple[Any, ...]] = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            state[rel] = ("symlink", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            state[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-        else:
-            state[rel] = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-    return state
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def test_stdin_invalid_name(cli_repo, name):
 
 def test_stdin_without_name(cli_repo):
     _, stderr = pipe_into_cas(cli_repo, b"abc", expect=2)
-    # The user gave no name at all, so the message asks for the option, not a valid value.
+    # The user gave no name at all, so the message names the missing option, not a value.
     assert "--stdin needs --stdin-name NAME" in stderr
     assert "''" not in stderr
 

@@ -46,7 +46,7 @@ MODEL_SUFFIXES = {
 def parse_layout(read_at: ReadAt, file_size: int) -> ModelLayout | None:
     """Recognise a model file by its first bytes and parse its layout.
 
-    Return None when the file is no model file this module knows. Raise
+    Return None when the file is not a model format that this package recognises. Raise
     `ModelFormatError` when it starts like one but its header is invalid or disagrees
     with ``file_size``.
     """
